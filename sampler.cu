@@ -1,0 +1,134 @@
+// Rejection sampling for speculative decoding: the contract of sampler.py, as one kernel.
+//
+// One block per batch row. Thread 0 runs the accept scan (u_i * q_i(x_i) < p_i(x_i)),
+// which reads 2K numbers. Then the whole block draws the emitted token from
+// r = max(0, p_n - q_n) (or p_{K+1} for the bonus) by the exponential race
+// argmax_v r_v / e_v: each thread scans a strided slice with vectorised, coalesced loads,
+// a warp reduces with shuffles, and warp 0 reduces the warps' winners. Ties go to the
+// lower index, as torch.argmax does, so every implementation returns the same tokens.
+// If r is zero everywhere (p == q up to rounding) the race over p decides instead.
+//
+// Only torch/extension.h is needed: the stream comes from Python as an integer, so
+// this file also compiles with nvcc on a machine without a GPU.
+#include <torch/extension.h>
+
+constexpr int THREADS = 256;
+constexpr int WARPS = THREADS / 32;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(uint16_t bf16) { return __uint_as_float(uint32_t(bf16) << 16); }
+
+// 16-byte loads: 4 floats or 8 bfloat16 at a time.
+template <typename T> struct Vec;
+template <> struct Vec<float> { static constexpr int N = 4; };
+template <> struct Vec<uint16_t> { static constexpr int N = 8; };
+
+struct Best {
+  float r, p;      // best r/e and best p/e so far
+  int ir, ip;      // their indices
+  bool any;        // some r_v > 0
+};
+
+__device__ __forceinline__ void better(float& val, int& idx, float v, int i) {
+  if (v > val || (v == val && i < idx)) { val = v; idx = i; }
+}
+
+__device__ __forceinline__ void visit(Best& b, float p, float q, float e, int v) {
+  float r = fmaxf(p - q, 0.0f);
+  b.any |= r > 0.0f;
+  better(b.r, b.ir, r / e, v);
+  better(b.p, b.ip, p / e, v);
+}
+
+__device__ __forceinline__ void warp_reduce(Best& b) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    float r = __shfl_down_sync(0xffffffff, b.r, offset);
+    int ir = __shfl_down_sync(0xffffffff, b.ir, offset);
+    float p = __shfl_down_sync(0xffffffff, b.p, offset);
+    int ip = __shfl_down_sync(0xffffffff, b.ip, offset);
+    b.any |= __shfl_down_sync(0xffffffff, b.any, offset);
+    better(b.r, b.ir, r, ir);
+    better(b.p, b.ip, p, ip);
+  }
+}
+
+template <typename T>
+__global__ void rejection_kernel(const T* __restrict__ p, const T* __restrict__ q,
+                                 const int64_t* __restrict__ draft, const float* __restrict__ u,
+                                 const float* __restrict__ e, int64_t* __restrict__ tokens,
+                                 int64_t* __restrict__ accepted, int K, int V) {
+  const int b = blockIdx.x, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const T* pb = p + int64_t(b) * (K + 1) * V;
+  const T* qb = q + int64_t(b) * K * V;
+  __shared__ int n_shared;
+  __shared__ Best winners[WARPS];
+
+  if (tid == 0) {
+    int n = 0;
+    for (; n < K; ++n) {
+      int64_t x = draft[b * K + n];
+      if (!(u[b * K + n] * to_float(qb[n * int64_t(V) + x]) < to_float(pb[n * int64_t(V) + x]))) break;
+      tokens[b * (K + 1) + n] = x;
+    }
+    for (int i = n + 1; i <= K; ++i) tokens[b * (K + 1) + i] = -1;
+    accepted[b] = n;
+    n_shared = n;
+  }
+  __syncthreads();
+  const int n = n_shared;
+  const T* pn = pb + int64_t(n) * V;
+  const T* qn = n < K ? qb + int64_t(n) * V : nullptr;   // the bonus draw has no q
+  const float* eb = e + int64_t(b) * V;
+
+  Best best{-1.0f, -1.0f, 0, 0, false};
+  constexpr int N = Vec<T>::N;
+  const bool aligned = V % N == 0;   // rows then start on 16-byte boundaries
+  if (aligned) {
+    for (int base = tid * N; base < V; base += THREADS * N) {
+      T pv[N], qv[N];
+      float ev[N];
+      *reinterpret_cast<uint4*>(pv) = *reinterpret_cast<const uint4*>(pn + base);
+      if (qn) *reinterpret_cast<uint4*>(qv) = *reinterpret_cast<const uint4*>(qn + base);
+#pragma unroll
+      for (int j = 0; j < N; j += 4) *reinterpret_cast<float4*>(ev + j) = *reinterpret_cast<const float4*>(eb + base + j);
+#pragma unroll
+      for (int j = 0; j < N; ++j) visit(best, to_float(pv[j]), qn ? to_float(qv[j]) : 0.0f, ev[j], base + j);
+    }
+  } else {
+    for (int v = tid; v < V; v += THREADS) visit(best, to_float(pn[v]), qn ? to_float(qn[v]) : 0.0f, eb[v], v);
+  }
+
+  warp_reduce(best);
+  if (lane == 0) winners[warp] = best;
+  __syncthreads();
+  if (warp == 0) {
+    best = lane < WARPS ? winners[lane] : Best{-1.0f, -1.0f, 0, 0, false};
+    warp_reduce(best);
+    if (lane == 0) tokens[b * (K + 1) + n] = best.any ? best.ir : best.ip;
+  }
+}
+
+std::vector<torch::Tensor> rejection_sample(torch::Tensor p, torch::Tensor q, torch::Tensor draft,
+                                            torch::Tensor u, torch::Tensor e, int64_t stream) {
+  TORCH_CHECK(p.is_cuda() && p.is_contiguous() && q.is_contiguous(), "p and q must be contiguous CUDA tensors");
+  TORCH_CHECK(p.scalar_type() == q.scalar_type(), "p and q must have the same dtype");
+  const int B = p.size(0), K = q.size(1), V = p.size(2);
+  auto tokens = torch::empty({B, K + 1}, draft.options());
+  auto accepted = torch::empty({B}, draft.options());
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  if (p.scalar_type() == torch::kFloat) {
+    rejection_kernel<float><<<B, THREADS, 0, s>>>(p.data_ptr<float>(), q.data_ptr<float>(), draft.data_ptr<int64_t>(),
+        u.data_ptr<float>(), e.data_ptr<float>(), tokens.data_ptr<int64_t>(), accepted.data_ptr<int64_t>(), K, V);
+  } else {
+    TORCH_CHECK(p.scalar_type() == torch::kBFloat16, "probabilities must be float32 or bfloat16");
+    rejection_kernel<uint16_t><<<B, THREADS, 0, s>>>(
+        reinterpret_cast<const uint16_t*>(p.data_ptr()), reinterpret_cast<const uint16_t*>(q.data_ptr()),
+        draft.data_ptr<int64_t>(), u.data_ptr<float>(), e.data_ptr<float>(), tokens.data_ptr<int64_t>(),
+        accepted.data_ptr<int64_t>(), K, V);
+  }
+  return {tokens, accepted};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rejection_sample", &rejection_sample, "speculative rejection sampling (see sampler.py)");
+}

@@ -1,0 +1,169 @@
+"""Logits -> probabilities, and the rejection sampler that keeps the target's distribution.
+
+Speculative sampling (Leviathan et al. 2023; Chen et al. 2023). The draft proposed
+x_1..x_K with probabilities q_i; the target scored the same positions, p_i, plus one more,
+p_{K+1}. For i = 1..K: accept x_i with probability min(1, p_i(x_i) / q_i(x_i)), i.e. when
+u_i * q_i(x_i) < p_i(x_i) for u_i ~ U[0,1). At the first rejection emit a token from the
+residual norm(max(0, p_i - q_i)) and stop; if all K are accepted emit a bonus token from
+p_{K+1}. Each emitted token is then distributed exactly as p.
+
+Sampling from r (unnormalised, r >= 0) is done with an exponential race:
+argmax_v r_v / E_v with E_v ~ Exp(1) picks v with probability r_v / sum(r) (the minimum of
+independent Exp(r_v) variables E_v / r_v falls on v with that probability). A sample is
+then a parallel argmax, which is what the CUDA kernel computes. (argmax of r alone, as the
+seed report did, is not a sample: it changes the output distribution.)
+
+Greedy decoding is the one-hot special case: with p and q one-hot on the argmaxes, x_i is
+accepted iff it equals the target's argmax, and the residual is the target's argmax.
+
+One contract, three implementations that return the same tokens for the same inputs:
+  p [B, K+1, V] target probs, q [B, K, V] draft probs, draft [B, K] int64,
+  u [B, K] float32 uniforms, e [B, V] float32 exponentials (one race per row)
+  -> tokens [B, K+1] int64 (accepted drafts, then the emitted token, then -1), n [B] accepted.
+"""
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+class SamplerError(ValueError):
+    """Inputs the sampler refuses: NaN or negative probabilities, bad shapes or token ids."""
+
+
+def probs(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """float32 probabilities from logits [..., V]: softmax(logits / temperature) restricted to
+    the top_k largest and to the smallest set whose mass reaches top_p, renormalised.
+    temperature 0 is greedy: one-hot on the argmax."""
+    logits = logits.float()
+    if torch.isnan(logits).any():
+        raise SamplerError("NaN in the model's logits")
+    if temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_p = sorted_logits.softmax(-1)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p          # mass before this token already reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits.softmax(-1)
+
+
+def draw(p, e):
+    """A sample from (unnormalised) p [..., V] by the exponential race with e ~ Exp(1)."""
+    return (p / e).argmax(-1)
+
+
+def random_inputs(B, K, V, generator=None, device="cpu"):
+    """The uniforms u [B, K] and exponentials e [B, V] that one rejection_sample call consumes."""
+    u = torch.rand(B, K, generator=generator, device=device)
+    e = torch.empty(B, V, device=device).exponential_(generator=generator)
+    return u, e
+
+
+def check_inputs(p, q, draft, u, e):
+    """Raise SamplerError unless the inputs follow the contract."""
+    if p.dim() != 3 or q.dim() != 3 or draft.dim() != 2:
+        raise SamplerError("expected p [B,K+1,V], q [B,K,V], draft [B,K]")
+    B, K1, V = p.shape
+    K = K1 - 1
+    if K < 1:
+        raise SamplerError(f"K must be at least 1, got {K}")
+    if q.shape != (B, K, V) or draft.shape != (B, K) or u.shape != (B, K) or e.shape != (B, V):
+        raise SamplerError(f"shapes disagree: p {tuple(p.shape)}, q {tuple(q.shape)}, draft {tuple(draft.shape)}, "
+                           f"u {tuple(u.shape)}, e {tuple(e.shape)}")
+    if draft.min() < 0 or draft.max() >= V:
+        raise SamplerError(f"draft token ids must lie in [0, {V}), got [{int(draft.min())}, {int(draft.max())}]")
+    for name, x in (("target", p), ("draft", q)):
+        if torch.isnan(x).any():
+            raise SamplerError(f"NaN in the {name} probabilities")
+        if (x < 0).any():
+            raise SamplerError(f"negative {name} probabilities")
+
+
+def rejection_sample(p, q, draft, u, e, impl="auto"):
+    """Check the inputs, then run the chosen implementation ('auto': cuda on a GPU, else torch)."""
+    check_inputs(p, q, draft, u, e)
+    if impl == "auto":
+        impl = "cuda" if p.is_cuda and cuda_extension() is not None else "torch"
+    return IMPLEMENTATIONS[impl](p, q, draft, u, e)
+
+
+def reference(p, q, draft, u, e):
+    """The plain loop over rows and positions (the seed report's baseline, with exact residuals)."""
+    B, K = draft.shape
+    tokens = torch.full((B, K + 1), -1, dtype=torch.long, device=p.device)
+    n = torch.zeros(B, dtype=torch.long, device=p.device)
+    for b in range(B):
+        for i in range(K):
+            x = draft[b, i]
+            if u[b, i] * q[b, i, x].float() < p[b, i, x].float():
+                tokens[b, i] = x
+                n[b] += 1
+                continue
+            residual = (p[b, i].float() - q[b, i].float()).clamp_min(0)
+            if not (residual > 0).any():                     # p == q up to rounding: the residual is p
+                residual = p[b, i].float()
+            tokens[b, i] = draw(residual, e[b])
+            break
+        else:
+            tokens[b, K] = draw(p[b, K].float(), e[b])
+    return tokens, n
+
+
+def vectorised(p, q, draft, u, e):
+    """The same decisions for all rows at once: no Python loop over B or K, any device.
+    Reads only the K accept-test entries and, per row, the two rows at its first rejection."""
+    B, K = draft.shape
+    rows = torch.arange(B, device=p.device)
+    px = p[:, :K].gather(-1, draft.unsqueeze(-1)).squeeze(-1).float()
+    qx = q.gather(-1, draft.unsqueeze(-1)).squeeze(-1).float()
+    n = (u * qx < px).long().cumprod(-1).sum(-1)            # index of the first rejection, or K
+    pn = p[rows, n].float()
+    qn = q[rows, n.clamp(max=K - 1)].float() * (n < K).unsqueeze(-1)   # no q for the bonus draw
+    residual = (pn - qn).clamp_min(0)
+    residual = torch.where((residual > 0).any(-1, keepdim=True), residual, pn)
+    positions = torch.arange(K + 1, device=p.device)
+    tokens = torch.where(positions[:K] < n.unsqueeze(-1), draft, -1)
+    tokens = torch.cat((tokens, torch.full((B, 1), -1, dtype=torch.long, device=p.device)), dim=1)
+    tokens[rows, n] = draw(residual, e)
+    return tokens, n
+
+
+_cuda = {}
+
+
+def cuda_extension():
+    """The compiled sampler.cu (built on first use, cached by torch), or None with the reason said once."""
+    if "ext" not in _cuda:
+        _cuda["ext"] = None
+        if not torch.cuda.is_available():
+            print("[specdecode] no CUDA device: the rejection sampler runs in vectorised torch", file=sys.stderr)
+        else:
+            from torch.utils.cpp_extension import load
+            t = time.perf_counter()
+            try:
+                _cuda["ext"] = load(name="specdecode_sampler", sources=[str(Path(__file__).with_name("sampler.cu"))],
+                                    extra_cuda_cflags=["-O3"], verbose=False)
+                print(f"[specdecode] CUDA sampler ready ({time.perf_counter() - t:.1f} s, cached after the first build)",
+                      file=sys.stderr)
+            except Exception as err:                     # a failed build falls back, saying why
+                print(f"[specdecode] CUDA sampler build failed, using torch: {str(err).splitlines()[0]}", file=sys.stderr)
+    return _cuda["ext"]
+
+
+def cuda(p, q, draft, u, e):
+    """sampler.cu: one block per row, warp-shuffle argmax of the exponential race."""
+    ext = cuda_extension()
+    if ext is None or not p.is_cuda:
+        raise SamplerError("the cuda sampler needs a CUDA device and the compiled kernel")
+    tokens, n = ext.rejection_sample(p.contiguous(), q.contiguous(), draft.contiguous(), u.float().contiguous(),
+                                     e.float().contiguous(), torch.cuda.current_stream().cuda_stream)
+    return tokens, n
+
+
+IMPLEMENTATIONS = {"reference": reference, "torch": vectorised, "cuda": cuda}
