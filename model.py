@@ -12,7 +12,7 @@ The KV cache is preallocated. `forward(tokens, positions, attn_mask)` appends th
 tokens' keys and values after the `length` slots already cached; positions (for RoPE)
 are given explicitly, so a token tree can put siblings at the same position. The
 attention mask says which *new* tokens each new token sees (a tree mask); every new
-token sees the whole cached prefix. `truncate(n)` rolls the cache back, `compact(n, keep)`
+token sees the whole cached prefix unless the mask covers it too. `truncate(n)` rolls the cache back, `compact(n, keep)`
 keeps slots n+keep (the accepted path of a tree) right after the first n.
 Module names follow the HuggingFace checkpoints so weights load by name.
 """
@@ -231,8 +231,9 @@ class Transformer(nn.Module):
     def forward(self, tokens, positions=None, attn_mask=None):
         """Logits [B, T, V] (float32) for tokens [B, T] appended to the cache.
 
-        positions [B, T] default to the next slots. attn_mask [T, T] (bool, True = may
-        attend) says which of the new tokens each new token sees; None means causal."""
+        positions [B, T] default to the next slots. attn_mask (bool, True = may attend) is
+        [T, T] over the new tokens (each also sees every cached slot) or [T, length + T] over
+        all slots (a tree grown level by level hides its other branches); None means causal."""
         B, T = tokens.shape
         start = self.length
         if start + T > self.max_len:
@@ -241,7 +242,8 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         if attn_mask is None:
             attn_mask = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-        mask = torch.cat((torch.ones(T, start, dtype=torch.bool, device=tokens.device), attn_mask), dim=1)
+        mask = attn_mask if attn_mask.shape[-1] == start + T else \
+            torch.cat((torch.ones(T, start, dtype=torch.bool, device=tokens.device), attn_mask), dim=1)
         cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:

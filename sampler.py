@@ -166,4 +166,31 @@ def cuda(p, q, draft, u, e):
     return tokens, n
 
 
+def multi_candidate(p, candidates, q, u, e):
+    """One node of a token tree (SpecInfer's multi-round rejection sampling).
+
+    p [V] target probs at the node; candidates: the m child tokens the draft proposed, in
+    the order they were made; q [V] the draft distribution they were drawn from i.i.d., or
+    None when they were chosen deterministically (top-k: each is then a point mass);
+    u [m] uniforms, e [V] exponentials. For j = 1..m: accept c_j with probability
+    min(1, r(c_j) / q(c_j)) where r is the current target residual (r = p at first); on
+    rejection r <- norm(max(0, r - q)) (for a point mass: r(c_j) <- 0, renormalised).
+    Returns (j, c_j) for the accepted candidate, or (-1, token) with token ~ r if all are
+    rejected. The returned token is distributed exactly as p."""
+    r = p.float()
+    for j, x in enumerate(candidates):
+        z = r.sum()
+        qx = q[x].float() if q is not None else 1.0
+        if u[j] * qx * z < r[x]:
+            return j, int(x)
+        if q is not None:
+            nxt = (r / z - q.float()).clamp_min(0)
+        else:
+            nxt = r.clone()
+            nxt[x] = 0.0
+        if (nxt > 0).any():
+            r = nxt
+    return -1, int(draw(r, e))
+
+
 IMPLEMENTATIONS = {"reference": reference, "torch": vectorised, "cuda": cuda}

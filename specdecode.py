@@ -1,0 +1,408 @@
+"""Speculative decoding from the command line: autoregressive, chain and tree.
+
+    python specdecode.py                                   # the demo pair, a coding prompt
+    python specdecode.py --mode chain --k 4 --prompt "Write quicksort in C"
+    echo "Explain RoPE" | python specdecode.py --prompt - --temperature 0.7
+
+ar     one target forward per token (the baseline).
+chain  the draft proposes K tokens one by one; ONE target forward scores all K+1
+       positions; sampler.rejection_sample keeps the longest prefix the target agrees with
+       plus one token of its own, so every step yields 1..K+1 tokens from the target's
+       exact distribution.
+tree   the draft grows a token tree (tree.py); ONE target forward scores every node under
+       a tree attention mask; the longest accepted root-to-leaf path is kept.
+
+Each loop keeps one list `tokens` (prompt + output). Every cache holds a prefix of it;
+a forward feeds whatever the cache lacks (the whole prompt the first time), so there is
+no separate prefill, and rolling back is setting the cache length.
+"""
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import sampler
+import tree
+import weights
+from model import ModelError
+from sampler import SamplerError
+from weights import WeightsError
+
+DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime, with a short docstring."
+
+
+class SpecError(ValueError):
+    """Bad options or input, said in one line."""
+
+
+@dataclass
+class Settings:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def probs(self, logits):
+        return sampler.probs(logits, self.temperature, self.top_k, self.top_p)
+
+
+@dataclass
+class Stats:
+    mode: str = "ar"
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    ttft: float = 0.0            # seconds to the first new token
+    seconds: float = 0.0
+    target_passes: int = 0
+    draft_passes: int = 0
+    drafted: int = 0             # tokens the target checked: K per chain step, nodes per tree
+    accepted: int = 0            # draft tokens the target kept
+    t_draft: float = 0.0
+    t_target: float = 0.0
+    t_sample: float = 0.0
+    ks: list = field(default_factory=list)   # K (chain) or accepted depth (tree) per step
+
+    @property
+    def tokens_per_second(self):
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_pass(self):
+        return self.new_tokens / self.target_passes if self.target_passes else 0.0
+
+    @property
+    def acceptance(self):
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    def line(self):
+        s = (f"{self.mode}: prompt {self.prompt_tokens} tokens, {self.new_tokens} new, "
+             f"first token {self.ttft:.2f} s, {self.tokens_per_second:.2f} tokens/s")
+        if self.mode != "ar":
+            other = self.seconds - self.t_draft - self.t_target - self.t_sample
+            s += (f", {self.target_passes} target passes, {self.tokens_per_pass:.2f} tokens/pass, "
+                  f"acceptance {self.acceptance:.2f}, time draft {self.t_draft:.1f} s / target {self.t_target:.1f} s"
+                  f" / sampling {self.t_sample:.2f} s / other {other:.2f} s")
+        if self.mode == "tree":
+            s += f", mean tree {self.drafted / max(1, self.target_passes):.1f} nodes"
+        if self.mode == "chain" and self.ks:
+            s += f", mean K {sum(self.ks) / len(self.ks):.1f}"
+        return s
+
+
+class Timer:
+    """Adds the seconds spent in a `with` block to stats.<name> (after syncing CUDA work)."""
+
+    def __init__(self, stats, name, device):
+        self.stats, self.name, self.cuda = stats, name, str(device).startswith("cuda")
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+        setattr(self.stats, self.name, getattr(self.stats, self.name) + time.perf_counter() - self.t)
+
+
+def feed(model, tokens, extra=()):
+    """Run the model on what its cache lacks of `tokens`, then `extra`; logits [1, T, V]."""
+    new = tokens[model.length:] + list(extra)
+    return model(torch.tensor([new], device=model.device))
+
+
+def best_k(alpha, costs, k_max=12):
+    """K maximising expected tokens per second: a chain of K drafts accepted position by
+    position with probability alpha yields (1 - alpha^(K+1)) / (1 - alpha) tokens and costs
+    K draft steps plus one target pass over K+1 tokens."""
+    alpha = min(alpha, 0.99)
+    rate = lambda k: (1 - alpha ** (k + 1)) / (1 - alpha) / (k * costs.draft_step() + costs.target_pass(k + 1))
+    return max(range(1, k_max + 1), key=rate)
+
+
+def decode_ar(target, draft, tokens, opts, stats):
+    """One target forward per token."""
+    while True:
+        with Timer(stats, "t_target", target.device):
+            logits = feed(target, tokens)[0, -1, :opts.vocab]
+        stats.target_passes += 1
+        with Timer(stats, "t_sample", target.device):
+            token = int(sampler.draw(opts.settings.probs(logits), exponentials(opts)))
+        tokens.append(token)
+        yield [token]
+
+
+def exponentials(opts, rows=()):
+    return torch.empty(*rows, opts.vocab, device=opts.device).exponential_(generator=opts.generator)
+
+
+def decode_chain(target, draft, tokens, opts, stats):
+    """Draft K tokens, verify K+1 positions in one target pass, keep what rejection sampling keeps."""
+    k, alpha, costs = (4 if opts.k == "auto" else opts.k), 0.7, tree.Costs()
+    while True:
+        start, qs, drafts = len(tokens), [], []
+        for _ in range(k):
+            t0 = time.perf_counter()
+            with Timer(stats, "t_draft", draft.device):
+                q = opts.settings.probs(feed(draft, tokens[:start] + drafts)[0, -1, :opts.vocab])
+                drafts.append(int(sampler.draw(q, exponentials(opts))))
+            costs.add_draft(time.perf_counter() - t0)
+            qs.append(q)
+        t0 = time.perf_counter()
+        with Timer(stats, "t_target", target.device):
+            logits = feed(target, tokens, drafts)[:, -(k + 1):, :opts.vocab]
+        costs.add_target(k + 1, time.perf_counter() - t0)
+        with Timer(stats, "t_sample", target.device):
+            p = opts.settings.probs(logits)
+            u, e = sampler.random_inputs(1, k, opts.vocab, opts.generator, opts.device)
+            out, n = sampler.rejection_sample(p, torch.stack(qs)[None], torch.tensor([drafts], device=opts.device), u, e)
+            n = int(n)
+            new = out[0, :n + 1].tolist()
+        target.truncate(start + n)
+        draft.truncate(min(draft.length, start + n))
+        stats.target_passes += 1
+        stats.draft_passes += k
+        stats.drafted += k
+        stats.accepted += n
+        stats.ks.append(k)
+        tokens.extend(new)
+        yield new
+        if opts.k == "auto":
+            alpha = 0.8 * alpha + 0.2 * (n / (n + (n < k)))     # accepted / accept tests made
+            k = best_k(alpha, costs)
+
+
+def decode_tree(target, draft, tokens, opts, stats):
+    """Grow a token tree with the draft, verify it in one target pass, keep the accepted path."""
+    sizer = tree.AutoSize() if opts.tree_size == "auto" else None
+    while True:
+        start = len(tokens)
+        with Timer(stats, "t_draft", draft.device):
+            t = tree.grow(draft, tokens, opts.settings, opts.vocab, opts.generator, opts.budget, sizer)
+        with Timer(stats, "t_target", target.device):
+            t0 = time.perf_counter()
+            logits = tree.score(target, tokens, t)[0, :, :opts.vocab]
+            if sizer:
+                sizer.costs.add_target(len(t.tokens) + 1, time.perf_counter() - t0)
+        with Timer(stats, "t_sample", target.device):
+            path, new = tree.verify(t, opts.settings.probs(logits), opts.generator)
+        tree.compact(target, draft, start, t, path)
+        if sizer:
+            sizer.observe(t, len(path))
+        stats.target_passes += 1
+        stats.draft_passes += t.levels
+        stats.drafted += len(t.tokens)
+        stats.accepted += len(path)
+        stats.ks.append(len(path))
+        if opts.on_tree:
+            opts.on_tree(t, path, new)
+        tokens.extend(t.tokens[i] for i in path)
+        tokens.append(new)
+        yield [t.tokens[i] for i in path] + [new]
+
+
+DECODERS = {"ar": decode_ar, "chain": decode_chain, "tree": decode_tree}
+
+
+@dataclass
+class Options:
+    mode: str = "tree"
+    settings: Settings = field(default_factory=Settings)
+    max_new_tokens: int = 128
+    k: object = "auto"                      # chain: int or "auto"
+    budget: tree.Budget = field(default_factory=tree.Budget)
+    tree_size: str = "auto"                 # tree: "auto" (AutoSize) or "fixed" (fill the budgets)
+    on_tree: object = None                  # callback(tree, accepted path, emitted token) per step
+    vocab: int = 0                          # set by generate: the shared tokenizer's size
+    device: object = "cpu"
+    generator: object = None
+
+
+def check_pair(target, draft):
+    """The draft must speak the target's tokenizer; decided by the vocabularies themselves."""
+    if draft is not None and target[1].vocab() != draft[1].vocab():
+        raise SpecError("the draft and target models use different tokenizers: pick a draft of the target's family")
+
+
+def generate(prompt_ids, target, draft, opts: Options, on_tokens=None):
+    """Generate up to opts.max_new_tokens after prompt_ids. target/draft: (model, tokenizer).
+    Returns (new token ids, Stats)."""
+    model, tok = target
+    if not prompt_ids:
+        raise SpecError("the prompt is empty")
+    if opts.mode != "ar" and draft is None:
+        raise SpecError(f"--mode {opts.mode} needs a draft model")
+    if opts.k != "auto" and (not isinstance(opts.k, int) or opts.k < 1):
+        raise SpecError(f"K must be a whole number >= 1 or 'auto', got {opts.k}")
+    headroom = {"ar": 1, "chain": 13 if opts.k == "auto" else opts.k + 1, "tree": opts.budget.max_total_nodes + 1}[opts.mode]
+    need, context = len(prompt_ids) + opts.max_new_tokens + headroom, model.config.max_seq_len
+    if draft is not None:
+        context = min(context, draft[0].config.max_seq_len)
+    if need > context:
+        raise SpecError(f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {opts.max_new_tokens} "
+                        f"exceed the model's context of {context} tokens")
+    opts.vocab = max(tok.vocab().values()) + 1
+    opts.device = model.device
+    opts.generator = torch.Generator(device=model.device).manual_seed(opts.settings.seed)
+    model.setup_cache(need)
+    if draft is not None:
+        draft[0].setup_cache(need)
+    stats, out, tokens = Stats(mode=opts.mode, prompt_tokens=len(prompt_ids)), [], list(prompt_ids)
+    t0 = time.perf_counter()
+    for new in DECODERS[opts.mode](model, draft and draft[0], tokens, opts, stats):
+        if not out:
+            stats.ttft = time.perf_counter() - t0
+        stop = next((i for i, t in enumerate(new) if t in tok.stop_ids), None)
+        new = new[:stop][:opts.max_new_tokens - len(out)]
+        out += new
+        if on_tokens:
+            on_tokens(out)
+        if stop is not None or len(out) >= opts.max_new_tokens:
+            break
+    stats.seconds, stats.new_tokens = time.perf_counter() - t0, len(out)
+    return out, stats
+
+
+_loaded = {}
+
+
+def load_pair(target, draft=None, device="cpu", dtype=torch.bfloat16):
+    """(model, tokenizer) for target and draft (names or folders), loaded once per process."""
+    pair = []
+    for role, name in (("target", target), ("draft", draft)):
+        if name is None:
+            pair.append(None)
+            continue
+        key = (role, str(name), str(device), dtype)          # a draft equal to the target has its own cache
+        if key not in _loaded:
+            _loaded[key] = weights.load(name, device=device, dtype=dtype)
+        pair.append(_loaded[key])
+    check_pair(*pair)
+    return pair
+
+
+def speculative_decode(prompt, target=weights.DEMO_TARGET, draft=weights.DEMO_DRAFT, chat=True,
+                       device="cpu", dtype=torch.bfloat16, on_text=None, **options):
+    """Python entry point: text and Stats for a prompt. `options` are Options fields
+    (mode, max_new_tokens, k, tree_size, budget, on_tree) and Settings fields (temperature, top_k, top_p, seed)."""
+    setting_names = set(Settings.__dataclass_fields__)
+    settings = Settings(**{k: v for k, v in options.items() if k in setting_names})
+    opts = Options(settings=settings, **{k: v for k, v in options.items() if k not in setting_names})
+    target, draft = load_pair(target, draft if opts.mode != "ar" else None, device, dtype)
+    tok = target[1]
+    ids = tok.encode(tok.chat(prompt) if chat and tok.chat_template else prompt)
+    stream = Stream(tok, on_text) if on_text else None
+    out, stats = generate(ids, target, draft, opts, stream)
+    return tok.decode(out), stats
+
+
+def enhanced_speculative_decode(prompt, max_tokens=13, max_nodes_per_level=25, max_total_nodes=200, max_time=10):
+    """The tree paper's call: tree decoding with its budgets on the demo pair; returns the text."""
+    budget = tree.Budget(max_nodes_per_level=max_nodes_per_level, max_total_nodes=max_total_nodes, max_time=max_time)
+    text, _ = speculative_decode(prompt, mode="tree", tree_size="fixed", budget=budget, max_new_tokens=max_tokens)
+    return text
+
+
+class Stream:
+    """Print text as tokens arrive: decode everything so far, print what is new, and hold
+    back a trailing partial UTF-8 character (decoded as U+FFFD) until it completes."""
+
+    def __init__(self, tok, write):
+        self.tok, self.write, self.done = tok, write, 0
+
+    def __call__(self, ids):
+        text = self.tok.decode(ids)
+        if text.endswith("\ufffd"):
+            return
+        self.write(text[self.done:])
+        self.done = len(text)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise SpecError(message)
+
+
+def parse_args(argv):
+    p = Parser(description="Speculative decoding (autoregressive, chain, tree) for Llama/Qwen models.")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt; '-' reads stdin")
+    p.add_argument("--mode", choices=DECODERS, default="tree")
+    p.add_argument("--target", default=weights.DEMO_TARGET, help="HuggingFace folder or demo name")
+    p.add_argument("--draft", default=weights.DEMO_DRAFT, help="HuggingFace folder or demo name")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--k", default="auto", help="chain: draft tokens per step, or 'auto'")
+    p.add_argument("--tree", choices=("auto", "fixed"), default="auto",
+                   help="tree: size each tree from measured costs (auto) or fill the budgets (fixed)")
+    p.add_argument("--max-depth", type=int, default=tree.Budget.max_depth)
+    p.add_argument("--max-nodes-per-level", type=int, default=tree.Budget.max_nodes_per_level)
+    p.add_argument("--max-total-nodes", type=int, default=tree.Budget.max_total_nodes)
+    p.add_argument("--max-time", type=float, default=tree.Budget.max_time, help="seconds to grow one tree")
+    p.add_argument("--branch", type=int, default=tree.Budget.branch, help="tree: children per expanded node")
+    p.add_argument("--prune", choices=("best", "random"), default="best")
+    p.add_argument("--children", choices=("auto", "top-k", "sample"), default="auto",
+                   help="tree: top-k candidates or i.i.d. draws (auto: draws when temperature > 0)")
+    p.add_argument("--viz", metavar="PNG", help="tree: draw the step with the most nodes")
+    p.add_argument("--viz-dir", metavar="DIR", help="tree: one PNG per step and an animated GIF")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    a = p.parse_args(argv)
+    if a.k != "auto":
+        if not a.k.lstrip("-").isdigit() or int(a.k) < 1:
+            raise SpecError(f"--k must be a whole number >= 1 or 'auto', got '{a.k}'")
+        a.k = int(a.k)
+    for name in ("max_new_tokens", "max_depth", "max_nodes_per_level", "max_total_nodes", "branch"):
+        if getattr(a, name) < 1:
+            raise SpecError(f"--{name.replace('_', '-')} must be at least 1")
+    if a.temperature < 0 or not math.isfinite(a.temperature):
+        raise SpecError("--temperature must be a finite number >= 0")
+    if not 0 < a.top_p <= 1 or a.top_k < 0 or a.max_time <= 0:
+        raise SpecError("--top-p must lie in (0, 1], --top-k be >= 0 and --max-time > 0")
+    if (a.viz or a.viz_dir) and a.mode != "tree":
+        raise SpecError("--viz and --viz-dir draw token trees: use them with --mode tree")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError(f"--device {a.device}: no CUDA device here")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+    if not prompt.strip():
+        raise SpecError("the prompt is empty")
+    budget = tree.Budget(max_depth=a.max_depth, max_nodes_per_level=a.max_nodes_per_level,
+                         max_total_nodes=a.max_total_nodes, max_time=a.max_time, branch=a.branch, prune=a.prune,
+                         children=a.children)
+    steps = []
+    on_tree = (lambda t, path, new: steps.append((t, path, new))) if (a.viz or a.viz_dir) else None
+    text, stats = speculative_decode(
+        prompt, target=a.target, draft=a.draft, chat=not a.raw, device=a.device, dtype=getattr(torch, a.dtype),
+        on_text=lambda s: print(s, end="", flush=True), mode=a.mode, max_new_tokens=a.max_new_tokens,
+        k=a.k, tree_size=a.tree, budget=budget, on_tree=on_tree,
+        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    print()
+    print(stats.line(), file=sys.stderr)
+    if steps:
+        tok = load_pair(a.target, None, a.device, getattr(torch, a.dtype))[0][1]
+        if a.viz:
+            tree.draw(*max(steps, key=lambda s: len(s[0].tokens)), tok, a.viz)
+            print(f"[specdecode] wrote {a.viz}", file=sys.stderr)
+        if a.viz_dir:
+            print(f"[specdecode] wrote {tree.draw_all(steps, tok, a.viz_dir)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (SpecError, WeightsError, ModelError, SamplerError) as e:
+        print(f"specdecode: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\nspecdecode: interrupted", file=sys.stderr)
+        sys.exit(130)

