@@ -1,0 +1,288 @@
+"""Benchmarks, measured side by side in one run: python bench.py [--full] [--only sampler|e2e].
+
+1. Sampler: latency of each rejection-sampling implementation (median of repeated calls
+   after warm-up) for batch 1/2/4/8, K = 8 and three vocabularies, the speedup over the
+   reference loop, the acceptance rate of each on identical inputs (they must agree), and
+   the fraction of the memory floor reached: the bytes a call must read (the accept-test
+   entries, then per row the p and q rows at its first rejection and the exponentials)
+   over its time, against this device's measured copy bandwidth.
+2. End to end on a target/draft pair (default: the demo pair): autoregressive, chain
+   (K = 4, auto), tree (auto, and the paper's 25/200 budgets), on code and prose prompts:
+   tokens/s, speedup over autoregressive, acceptance, tokens per target pass, and the time
+   split. Greedy rows are checked token for token against autoregressive's output.
+   --vs-hf adds transformers' generate and assisted generation on the same folders.
+Writes bench_results.md and bench.png.
+"""
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+
+import torch
+
+import sampler
+import specdecode as sd
+import tree
+import weights
+
+PROMPTS = {
+    "code: CUDA kernel": "Write a CUDA kernel that adds two float vectors, with its launch code.",
+    "code: Fibonacci": "Write a Python function that returns the n-th Fibonacci number, iteratively.",
+    "prose": "Explain in a short paragraph why the sky is blue.",
+}
+
+
+def say(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device):
+    """Bytes per second of a large device-to-device copy (read + write counted)."""
+    x = torch.empty(64 << 20, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        y.copy_(x)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * x.numel() * 4 / statistics.median(times)
+
+
+def realistic_inputs(B, K, V, g, device, dtype):
+    """Target and draft probabilities that disagree like a real pair, drafts drawn from q."""
+    logits = torch.randn(B, K + 1, V, generator=g) * 3
+    p = torch.softmax(logits, -1)
+    q = torch.softmax(logits[:, :K] + torch.randn(B, K, V, generator=g), -1)
+    draft = sampler.draw(q, torch.empty_like(q).exponential_(generator=g))
+    u, e = sampler.random_inputs(B, K, V, g)
+    return [x.to(device) for x in (p.to(dtype), q.to(dtype), draft, u, e)]
+
+
+def time_call(fn, inputs, device, reps):
+    """Median seconds per call over rotating copies of the inputs (more than the cache holds)."""
+    for _ in range(2):
+        fn(*inputs[0])
+    times = []
+    for i in range(reps):
+        args = inputs[i % len(inputs)]
+        sync(device)
+        t = time.perf_counter()
+        fn(*args)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_sampler(device, dtype, full):
+    impls = ["reference", "torch"] + (["cuda"] if str(device).startswith("cuda") and sampler.cuda_extension() else [])
+    bandwidth = copy_bandwidth(device)
+    g, K, rows = torch.Generator().manual_seed(0), 8, []
+    for V in (32000, 128256, 151936):
+        for B in (1, 2, 4, 8):
+            copies = 4 if str(device).startswith("cuda") else 1
+            inputs = [realistic_inputs(B, K, V, g, device, dtype) for _ in range(copies)]
+            row = {"V": V, "B": B}
+            for impl in impls:
+                reps = 30 if impl != "reference" or full else 8
+                row[impl] = time_call(sampler.IMPLEMENTATIONS[impl], inputs, device, reps)
+                tokens, n = sampler.IMPLEMENTATIONS[impl](*inputs[0])
+                row[f"{impl} tokens"] = tokens.cpu()
+                row[f"{impl} acc"] = float(n.float().mean()) / K
+            first = row[f"{impls[0]} tokens"]
+            row["agree"] = all(torch.equal(row.pop(f"{i} tokens"), first) for i in impls[1:]) and \
+                len({row[f"{i} acc"] for i in impls}) == 1
+            row.pop(f"{impls[0]} tokens", None)
+            elem = torch.finfo(dtype).bits // 8
+            must_read = B * K * 2 * elem + B * (2 * V * elem + V * 4)
+            best = min(row[i] for i in impls[1:])
+            row["floor"] = must_read / bandwidth / best
+            rows.append(row)
+            say(f"  sampler V={V} B={B}: " + ", ".join(f"{i} {row[i] * 1e6:.0f} us" for i in impls))
+    return impls, rows, bandwidth
+
+
+def sampler_table(impls, rows, bandwidth, device, dtype):
+    head = ["vocab", "batch"] + [f"{i} (us)" for i in impls] + [f"{i} speedup" for i in impls[1:]] + \
+           [f"{i} acceptance" for i in impls] + ["same tokens", "floor reached"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r["V"]), str(r["B"])] + [f"{r[i] * 1e6:.1f}" for i in impls] + \
+                [f"{r['reference'] / r[i]:.1f}x" for i in impls[1:]] + [f"{r[f'{i} acc']:.3f}" for i in impls] + \
+                ["yes" if r["agree"] else "NO", f"{100 * r['floor']:.1f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return (f"K = 8, {dtype}, {device}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; floor = bytes the call must "
+            f"read / bandwidth, over the fastest non-reference time.\n\n" + "\n".join(lines))
+
+
+METHODS = {
+    "ar": dict(mode="ar"),
+    "chain K=4": dict(mode="chain", k=4),
+    "chain auto": dict(mode="chain", k="auto"),
+    "tree auto": dict(mode="tree", tree_size="auto"),
+    "tree 25/200 (paper)": dict(mode="tree", tree_size="fixed", budget=tree.Budget(max_nodes_per_level=25, max_total_nodes=200)),
+}
+
+
+def bench_e2e(a):
+    dtype = getattr(torch, a.dtype)
+    rows, max_new = [], 128 if a.full else 64
+    temps = (0.0, 0.7) if a.full else (0.0,)
+    target, draft = sd.load_pair(a.target, a.draft, a.device, dtype)
+    for prompt_name, prompt in PROMPTS.items():
+        ids = target[1].encode(target[1].chat(prompt))
+        for temperature in temps:
+            ar_out = None
+            for method, kw in METHODS.items():
+                opts = sd.Options(max_new_tokens=max_new, settings=sd.Settings(temperature=temperature), **kw)
+                out, stats = sd.generate(ids, target, draft if kw["mode"] != "ar" else None, opts)
+                ar_out = out if method == "ar" else ar_out
+                rows.append({"prompt": prompt_name, "T": temperature, "method": method, "stats": stats,
+                             "same": (out == ar_out) if temperature == 0 else None})
+                say(f"  {prompt_name} T={temperature} {method}: {stats.tokens_per_second:.2f} tok/s, "
+                    f"{stats.tokens_per_pass:.2f} tok/pass")
+            if a.vs_hf:
+                rows += bench_hf(a, prompt_name, ids, temperature, max_new, ar_out)
+    return rows
+
+
+def bench_hf(a, prompt_name, ids, temperature, max_new, ar_out):
+    """transformers' generate and assisted generation on the same folders (extra rows)."""
+    import transformers
+    dtype = getattr(torch, a.dtype)
+    if "hf" not in _hf:
+        _hf["hf"] = [transformers.AutoModelForCausalLM.from_pretrained(str(weights.resolve(n)), dtype=dtype).eval()
+                     for n in (a.target, a.draft)]
+    tgt, drf = _hf["hf"]
+    x = torch.tensor([ids])
+    rows = []
+    for method, extra in (("transformers generate", {}), ("transformers assisted", {"assistant_model": drf})):
+        kw = dict(max_new_tokens=max_new, do_sample=temperature > 0, **extra)
+        if temperature > 0:
+            kw["temperature"] = temperature
+        t = time.perf_counter()
+        out = tgt.generate(x, **kw)[0, len(ids):].tolist()
+        seconds = time.perf_counter() - t
+        stats = sd.Stats(mode="hf", prompt_tokens=len(ids), new_tokens=len(out), seconds=seconds)
+        rows.append({"prompt": prompt_name, "T": temperature, "method": method, "stats": stats, "same": None})
+        say(f"  {prompt_name} T={temperature} {method}: {stats.tokens_per_second:.2f} tok/s")
+    return rows
+
+
+_hf = {}
+
+
+def e2e_table(rows):
+    head = ["prompt", "T", "method", "tokens/s", "speedup vs ar", "acceptance", "tokens/pass",
+            "draft / target / sampling / other (s)", "output == ar"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = {(r["prompt"], r["T"]): r["stats"].tokens_per_second for r in rows if r["method"] == "ar"}
+    for r in rows:
+        s = r["stats"]
+        other = s.seconds - s.t_draft - s.t_target - s.t_sample
+        split = f"{s.t_draft:.1f} / {s.t_target:.1f} / {s.t_sample:.2f} / {other:.2f}" if s.mode in ("chain", "tree") else "-"
+        lines.append("| " + " | ".join([
+            r["prompt"], f"{r['T']:g}", r["method"], f"{s.tokens_per_second:.2f}",
+            f"{s.tokens_per_second / base[(r['prompt'], r['T'])]:.2f}x",
+            f"{s.acceptance:.2f}" if s.mode in ("chain", "tree") else "-",
+            f"{s.tokens_per_pass:.2f}" if s.target_passes else "-", split,
+            "-" if r["same"] is None else ("yes" if r["same"] else "no")]) + " |")
+    return "\n".join(lines)
+
+
+def median_speedups(rows):
+    """Per method: the median over prompts of tokens/s divided by ar's in the same run."""
+    base = {(r["prompt"], r["T"]): r["stats"].tokens_per_second for r in rows if r["method"] == "ar"}
+    out = {}
+    for r in rows:
+        out.setdefault(r["method"], []).append(r["stats"].tokens_per_second / base[(r["prompt"], r["T"])])
+    return {m: statistics.median(v) for m, v in out.items()}
+
+
+def plot(path, sampler_rows, impls, e2e_rows):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = (1 if sampler_rows else 0) + (2 if e2e_rows else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    axes = list(axes[0])
+    if e2e_rows:
+        speed = median_speedups(e2e_rows)
+        ax = axes.pop(0)
+        ax.bar(list(speed), list(speed.values()), color="#1f77b4")
+        ax.axhline(1, color="gray", lw=0.8)
+        ax.set_title("median speedup over autoregressive")
+        ax.tick_params(axis="x", rotation=30)
+        per_pass = {}
+        for r in e2e_rows:
+            if r["stats"].target_passes:
+                per_pass.setdefault(r["method"], []).append(r["stats"].tokens_per_pass)
+        ax = axes.pop(0)
+        ax.bar(list(per_pass), [statistics.median(v) for v in per_pass.values()], color="#2ca02c")
+        ax.set_title("median tokens per target pass")
+        ax.tick_params(axis="x", rotation=30)
+    if sampler_rows:
+        ax = axes.pop(0)
+        V = max(r["V"] for r in sampler_rows)
+        for impl in impls:
+            pts = [(r["B"], r[impl] * 1e6) for r in sampler_rows if r["V"] == V]
+            ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("latency (us)")
+        ax.set_title(f"rejection sampler, V = {V}, K = 8")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--full", action="store_true", help="longer runs: 128 tokens, sampled rows too, more repeats")
+    p.add_argument("--only", choices=("sampler", "e2e"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--target", default=weights.DEMO_TARGET)
+    p.add_argument("--draft", default=weights.DEMO_DRAFT)
+    p.add_argument("--vs-hf", action="store_true", help="add transformers' generate and assisted generation")
+    p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    a = p.parse_args()
+    if a.vs_hf:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            p.error("--vs-hf needs transformers (pip install -r requirements-test.txt)")
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    md = [f"# specdecode benchmark\n\nMeasured {date.today()} on {a.device} ({machine}), {a.dtype}.\n"]
+    sampler_rows, impls, e2e_rows = [], [], []
+    if a.only in (None, "sampler"):
+        say("sampler micro-benchmark ...")
+        impls, sampler_rows, bandwidth = bench_sampler(a.device, getattr(torch, a.dtype), a.full)
+        md += ["## Rejection sampler\n", sampler_table(impls, sampler_rows, bandwidth, a.device, a.dtype), ""]
+    if a.only in (None, "e2e"):
+        say(f"end to end: {a.target} with draft {a.draft} ...")
+        e2e_rows = bench_e2e(a)
+        speed = median_speedups(e2e_rows)
+        md += [f"## End to end: {a.target} with draft {a.draft}\n", e2e_table(e2e_rows), "",
+               "Median speedup over autoregressive: " + ", ".join(f"{m} {v:.2f}x" for m, v in speed.items()), ""]
+    text = "\n".join(md)
+    open("bench_results.md", "w").write(text)
+    plot("bench.png", sampler_rows, impls, e2e_rows)
+    print(text)
+    if a.json:
+        clean = [{k: (v.__dict__ if isinstance(v, sd.Stats) else v) for k, v in r.items()} for r in e2e_rows]
+        json.dump({"sampler": sampler_rows, "e2e": clean}, open(a.json, "w"), indent=1, default=str)
+    say("wrote bench_results.md and bench.png")
+
+
+if __name__ == "__main__":
+    main()
