@@ -123,14 +123,17 @@ def vectorised(p, q, draft, u, e):
     px = p[:, :K].gather(-1, draft.unsqueeze(-1)).squeeze(-1).float()
     qx = q.gather(-1, draft.unsqueeze(-1)).squeeze(-1).float()
     n = (u * qx < px).long().cumprod(-1).sum(-1)            # index of the first rejection, or K
-    pn = p[rows, n].float()
-    qn = q[rows, n.clamp(max=K - 1)].float() * (n < K).unsqueeze(-1)   # no q for the bonus draw
-    residual = (pn - qn).clamp_min(0)
-    residual = torch.where((residual > 0).any(-1, keepdim=True), residual, pn)
+    qn = q[rows, n.clamp(max=K - 1)].float()
+    qn[n == K] = 0                                          # no q for the bonus draw
+    race = (p[rows, n].float() - qn).clamp_(min=0).div_(e)  # residual r / E, in place
+    winner = race.argmax(-1)
+    empty = race.gather(-1, winner.unsqueeze(-1)).squeeze(-1) == 0    # r == 0 everywhere: p == q up to rounding
+    if empty.any():
+        winner[empty] = draw(p[rows[empty], n[empty]].float(), e[empty])
     positions = torch.arange(K + 1, device=p.device)
     tokens = torch.where(positions[:K] < n.unsqueeze(-1), draft, -1)
     tokens = torch.cat((tokens, torch.full((B, 1), -1, dtype=torch.long, device=p.device)), dim=1)
-    tokens[rows, n] = draw(residual, e)
+    tokens[rows, n] = winner
     return tokens, n
 
 
