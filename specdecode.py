@@ -1,6 +1,6 @@
 """Speculative decoding from the command line: autoregressive, chain and tree.
 
-    python specdecode.py                                   # the demo pair, a coding prompt
+    python specdecode.py                                   # the demo pair, chain --k auto, a coding prompt
     python specdecode.py --mode chain --k 4 --prompt "Write quicksort in C"
     echo "Explain RoPE" | python specdecode.py --prompt - --temperature 0.7
 
@@ -208,7 +208,7 @@ DECODERS = {"ar": decode_ar, "chain": decode_chain, "tree": decode_tree}
 
 @dataclass
 class Options:
-    mode: str = "tree"
+    mode: str = "chain"
     settings: Settings = field(default_factory=Settings)
     max_new_tokens: int = 128
     k: object = "auto"                      # chain: int or "auto"
@@ -328,7 +328,8 @@ class Parser(argparse.ArgumentParser):
 def parse_args(argv):
     p = Parser(description="Speculative decoding (autoregressive, chain, tree) for Llama/Qwen models.")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt; '-' reads stdin")
-    p.add_argument("--mode", choices=DECODERS, default="tree")
+    p.add_argument("--mode", choices=DECODERS, default="chain",
+                   help="default: chain with --k auto, the fastest mode bench.py measured on the demo pair")
     p.add_argument("--target", default=weights.DEMO_TARGET, help="HuggingFace folder or demo name")
     p.add_argument("--draft", default=weights.DEMO_DRAFT, help="HuggingFace folder or demo name")
     p.add_argument("--max-new-tokens", type=int, default=128)
