@@ -93,18 +93,21 @@ class Stats:
 
 
 class Timer:
-    """Adds the seconds spent in a `with` block to stats.<name> (after syncing CUDA work)."""
+    """Adds the seconds spent in a `with` block to stats.<name> (after syncing CUDA work),
+    and keeps them as .seconds for the cost model."""
 
     def __init__(self, stats, name, device):
         self.stats, self.name, self.cuda = stats, name, str(device).startswith("cuda")
 
     def __enter__(self):
         self.t = time.perf_counter()
+        return self
 
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
-        setattr(self.stats, self.name, getattr(self.stats, self.name) + time.perf_counter() - self.t)
+        self.seconds = time.perf_counter() - self.t
+        setattr(self.stats, self.name, getattr(self.stats, self.name) + self.seconds)
 
 
 def feed(model, tokens, extra=()):
@@ -134,8 +137,9 @@ def decode_ar(target, draft, tokens, opts, stats):
         yield [token]
 
 
-def exponentials(opts, rows=()):
-    return torch.empty(*rows, opts.vocab, device=opts.device).exponential_(generator=opts.generator)
+def exponentials(opts):
+    """E ~ Exp(1) over the vocabulary: one exponential race (sampler.draw)."""
+    return torch.empty(opts.vocab, device=opts.device).exponential_(generator=opts.generator)
 
 
 def decode_chain(target, draft, tokens, opts, stats):
@@ -144,16 +148,14 @@ def decode_chain(target, draft, tokens, opts, stats):
     while True:
         start, qs, drafts = len(tokens), [], []
         for _ in range(k):
-            t0 = time.perf_counter()
-            with Timer(stats, "t_draft", draft.device):
+            with Timer(stats, "t_draft", draft.device) as timer:
                 q = opts.settings.probs(feed(draft, tokens[:start] + drafts)[0, -1, :opts.vocab])
                 drafts.append(int(sampler.draw(q, exponentials(opts))))
-            costs.add_draft(time.perf_counter() - t0)
+            costs.add_draft(timer.seconds)
             qs.append(q)
-        t0 = time.perf_counter()
-        with Timer(stats, "t_target", target.device):
+        with Timer(stats, "t_target", target.device) as timer:
             logits = feed(target, tokens, drafts)[:, -(k + 1):, :opts.vocab]
-        costs.add_target(k + 1, time.perf_counter() - t0)
+        costs.add_target(k + 1, timer.seconds)
         with Timer(stats, "t_sample", target.device):
             p = opts.settings.probs(logits)
             u, e = sampler.random_inputs(1, k, opts.vocab, opts.generator, opts.device)
@@ -181,11 +183,10 @@ def decode_tree(target, draft, tokens, opts, stats):
         start = len(tokens)
         with Timer(stats, "t_draft", draft.device):
             t = tree.grow(draft, tokens, opts.settings, opts.vocab, opts.generator, opts.budget, sizer)
-        with Timer(stats, "t_target", target.device):
-            t0 = time.perf_counter()
+        with Timer(stats, "t_target", target.device) as timer:
             logits = tree.score(target, tokens, t)[0, :, :opts.vocab]
-            if sizer:
-                sizer.costs.add_target(len(t.tokens) + 1, time.perf_counter() - t0)
+        if sizer:
+            sizer.costs.add_target(len(t.tokens) + 1, timer.seconds)
         with Timer(stats, "t_sample", target.device):
             path, new = tree.verify(t, opts.settings.probs(logits), opts.generator)
         tree.compact(target, draft, start, t, path)

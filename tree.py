@@ -147,39 +147,33 @@ def grow(draft, tokens, settings, vocab, generator, budget: Budget, sizer: AutoS
     if sizer:
         sizer.costs.add_draft(time.perf_counter() - t0)
     for depth in range(1, budget.max_depth + 1):
-        cands = []                                    # (score, parent, token, q)
+        unique = []                                   # (parent, candidate); a repeated token is never a new node
         for f, q in zip(frontier, q_frontier):
             t.dists[f] = q if drawn else None
             e = torch.empty(budget.branch, vocab, device=q.device).exponential_(generator=generator) if drawn else None
             base = t.logp[f] if f >= 0 else 0.0
-            t.candidates[f] = []
+            t.candidates[f], seen = [], set()
             for c in children(q, budget.branch, drawn, e):
                 qc = float(q[c])
                 t.candidates[f].append([c, -1, qc, base + math.log(qc)])
-                cands.append(t.candidates[f][-1])
-        unique = []                                   # a repeated (parent, token) is never a new node
-        for f in frontier:
-            toks = set()
-            for cand in t.candidates[f]:
-                if cand[0] not in toks:
-                    unique.append(cand)
-                    toks.add(cand[0])
+                if c not in seen:
+                    unique.append((f, t.candidates[f][-1]))
+                    seen.add(c)
         limit = min(budget.max_nodes_per_level, budget.max_total_nodes - len(t.tokens))
         if budget.prune == "random":
             chosen = random.Random(len(tokens) * 1000 + depth).sample(unique, min(limit, len(unique)))
         else:
-            chosen = sorted(unique, key=lambda c: -c[3])[:limit]
+            chosen = sorted(unique, key=lambda fc: -fc[1][3])[:limit]
         deeper = True
         if sizer:
-            chosen = sorted(chosen, key=lambda c: -c[3])
-            m, deeper = sizer.keep([math.exp(c[3]) for c in chosen], t)
+            chosen = sorted(chosen, key=lambda fc: -fc[1][3])
+            m, deeper = sizer.keep([math.exp(c[3]) for _, c in chosen], t)
             chosen = chosen[:m]
         first = len(t.tokens)
-        parent_of = {id(c): f for f in frontier for c in t.candidates[f]}
-        for c in chosen:
+        for f, c in chosen:
             c[1] = len(t.tokens)
             t.tokens.append(c[0])
-            t.parents.append(parent_of[id(c)])
+            t.parents.append(f)
             t.depths.append(depth)
             t.q.append(c[2])
             t.logp.append(c[3])
@@ -268,7 +262,7 @@ def layout(t: Tree, jitter=0.0, seed=0):
     return {n: (v + rng.uniform(-jitter, jitter), -(t.depths[n] if n >= 0 else 0)) for n, v in x.items()}
 
 
-def status(t: Tree, path, new_token):
+def status(t: Tree, path):
     """Each kept node's status for the picture: accepted / rejected (target saw it and said no) / not reached."""
     accepted, reached = set(path), {-1} | set(path)
     return ["accepted" if i in accepted else "rejected" if t.parents[i] in reached else "not reached"
@@ -288,7 +282,7 @@ def draw(t: Tree, path, new_token, tok, png, jitter=0.0):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     pos = layout(t, jitter)
-    st = status(t, path, new_token)
+    st = status(t, path)
     pruned = [(f, c) for f, cs in t.candidates.items() for c in cs if c[1] < 0]
     width = max(6.0, min(40.0, 0.45 * (1 + max((v[0] for v in pos.values()), default=0))))
     depth = max(t.depths, default=0)
