@@ -9,7 +9,9 @@
 2. End to end on a target/draft pair (default: the demo pair): autoregressive, chain
    (K = 4, auto), tree (auto, and the paper's 25/200 budgets), on code and prose prompts:
    tokens/s, speedup over autoregressive, acceptance, tokens per target pass, and the time
-   split. Greedy rows are checked token for token against autoregressive's output.
+   split. Greedy rows are checked token for token against autoregressive's output; where
+   one parts, the row says where and compares the target's top-2 gap there with the
+   measured difference between a batched and a one-token pass.
    --vs-hf adds transformers' generate and assisted generation on the same folders.
 Writes bench_results.md and bench.png.
 """
@@ -135,7 +137,7 @@ METHODS = {
 
 def bench_e2e(a):
     dtype = getattr(torch, a.dtype)
-    rows, max_new = [], 128 if a.full else 64
+    rows, max_new = [], a.tokens or (128 if a.full else 64)
     temps = (0.0, 0.7) if a.full else (0.0,)
     target, draft = sd.load_pair(a.target, a.draft, a.device, dtype)
     for prompt_name, prompt in PROMPTS.items():
@@ -146,13 +148,33 @@ def bench_e2e(a):
                 opts = sd.Options(max_new_tokens=max_new, settings=sd.Settings(temperature=temperature), **kw)
                 out, stats = sd.generate(ids, target, draft if kw["mode"] != "ar" else None, opts)
                 ar_out = out if method == "ar" else ar_out
-                rows.append({"prompt": prompt_name, "T": temperature, "method": method, "stats": stats,
-                             "same": (out == ar_out) if temperature == 0 else None})
+                same = (out == ar_out) if temperature == 0 else None
+                if same is False:
+                    same = parting(target[0], ids, ar_out, out)
+                rows.append({"prompt": prompt_name, "T": temperature, "method": method, "stats": stats, "same": same})
                 say(f"  {prompt_name} T={temperature} {method}: {stats.tokens_per_second:.2f} tok/s, "
                     f"{stats.tokens_per_pass:.2f} tok/pass")
             if a.vs_hf:
                 rows += bench_hf(a, prompt_name, ids, temperature, max_new, ar_out)
     return rows
+
+
+def parting(target, ids, ar_out, out):
+    """Where a greedy speculative output first differs from autoregressive's, and why: the
+    target's top-2 logit gap there (from the one-token pass autoregressive decoding made)
+    against how far the batched pass (as verification runs it) and the one-token pass differ:
+    the two can disagree on the argmax only if the gap is at most twice that difference."""
+    i = next(j for j, (x, y) in enumerate(zip(ar_out, out + [-1] * len(ar_out))) if x != y)
+    prefix = ids + ar_out[:i]
+    target.setup_cache(len(prefix))
+    batched = target(torch.tensor([prefix]))[0, -1]
+    target.setup_cache(len(prefix))
+    target(torch.tensor([prefix[:-1]]))
+    one = target(torch.tensor([prefix[-1:]]))[0, -1]
+    top2 = one.topk(2).values
+    gap, diff = float(top2[0] - top2[1]), float((batched - one).abs().max())
+    verdict = "near-tie" if gap <= 2 * diff else "NOT a near-tie: a bug"   # each of the two logits may move by diff
+    return f"parts at {i}: top-2 gap {gap:.3f}, batched/one-token diff {diff:.3f}: {verdict}"
 
 
 def bench_hf(a, prompt_name, ids, temperature, max_new, ar_out):
@@ -195,7 +217,7 @@ def e2e_table(rows):
             f"{s.tokens_per_second / base[(r['prompt'], r['T'])]:.2f}x",
             f"{s.acceptance:.2f}" if s.mode in ("chain", "tree") else "-",
             f"{s.tokens_per_pass:.2f}" if s.target_passes else "-", split,
-            "-" if r["same"] is None else ("yes" if r["same"] else "no")]) + " |")
+            "-" if r["same"] is None else r["same"] if isinstance(r["same"], str) else "yes"]) + " |")
     return "\n".join(lines)
 
 
@@ -248,6 +270,7 @@ def plot(path, sampler_rows, impls, e2e_rows):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true", help="longer runs: 128 tokens, sampled rows too, more repeats")
+    p.add_argument("--tokens", type=int, help="new tokens per end-to-end run (default 64, 128 with --full)")
     p.add_argument("--only", choices=("sampler", "e2e"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")

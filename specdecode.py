@@ -116,13 +116,22 @@ def feed(model, tokens, extra=()):
     return model(torch.tensor([new], device=model.device))
 
 
-def best_k(alpha, costs, k_max=12):
-    """K maximising expected tokens per second: a chain of K drafts accepted position by
-    position with probability alpha yields (1 - alpha^(K+1)) / (1 - alpha) tokens and costs
-    K draft steps plus one target pass over K+1 tokens."""
-    alpha = min(alpha, 0.99)
-    rate = lambda k: (1 - alpha ** (k + 1)) / (1 - alpha) / (k * costs.draft_step() + costs.target_pass(k + 1))
-    return max(range(1, k_max + 1), key=rate)
+def best_k(history, costs, k_max=12):
+    """K maximising expected tokens per second over the recent steps' (K, accepted n).
+
+    Whether draft j is accepted does not depend on how many were drafted after it, so a
+    past step with n < K would have yielded 1 + min(n, k) tokens with any k. A step that
+    accepted all K is extended past K as if each further draft were accepted with the
+    per-position rate alpha seen so far. Acceptance comes in runs (boilerplate code), which
+    this keeps and a single i.i.d. rate would lose. Cost: k draft steps plus one target pass
+    over k + 1 tokens, as measured."""
+    accepted = sum(n for _, n in history)
+    alpha = min(accepted / max(1, accepted + sum(n < K for K, n in history)), 0.99)
+
+    def tokens(k):
+        return sum(1 + min(n, k) if n < K or k <= K else 1 + K + alpha * (1 - alpha ** (k - K)) / (1 - alpha)
+                   for K, n in history) / len(history)
+    return max(range(1, k_max + 1), key=lambda k: tokens(k) / (k * costs.draft_step() + costs.target_pass(k + 1)))
 
 
 def decode_ar(target, draft, tokens, opts, stats):
@@ -144,7 +153,7 @@ def exponentials(opts):
 
 def decode_chain(target, draft, tokens, opts, stats):
     """Draft K tokens, verify K+1 positions in one target pass, keep what rejection sampling keeps."""
-    k, alpha, costs = (4 if opts.k == "auto" else opts.k), 0.7, tree.Costs()
+    k, history, costs = (4 if opts.k == "auto" else opts.k), [], tree.Costs()
     while True:
         start, qs, drafts = len(tokens), [], []
         for _ in range(k):
@@ -172,8 +181,8 @@ def decode_chain(target, draft, tokens, opts, stats):
         tokens.extend(new)
         yield new
         if opts.k == "auto":
-            alpha = 0.8 * alpha + 0.2 * (n / (n + (n < k)))     # accepted / accept tests made
-            k = best_k(alpha, costs)
+            history = (history + [(k, n)])[-32:]
+            k = best_k(history, costs)
 
 
 def decode_tree(target, draft, tokens, opts, stats):
