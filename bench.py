@@ -5,11 +5,12 @@
    reference loop, the acceptance rate of each on identical inputs (they must agree), and
    the fraction of the memory floor reached: the bytes a call must read (the accept-test
    entries, then per row the p and q rows at its first rejection and the exponentials)
-   over its time, against this device's measured copy bandwidth.
+   over its time, against this device's measured copy bandwidth. Then the tree's contract
+   (sampler.tree_sample) on 8 and 32 nodes with drawn and top-k children.
 2. End to end on a target/draft pair (default: the demo pair): autoregressive, chain
-   (K = 4, auto), tree (auto, and the paper's 25/200 budgets), on code and prose prompts:
+   (K = 2, 4, auto), tree (auto, and the paper's 25/200 budgets), on code and prose prompts:
    tokens/s, speedup over autoregressive, acceptance, tokens per target pass, and the time
-   split. Greedy rows are checked token for token against autoregressive's output; where
+   split; then tree auto against the fastest chain row of each prompt. Greedy rows are checked token for token against autoregressive's output; where
    one parts, the row says where and compares the target's top-2 gap there with the
    measured difference between a batched and a one-token pass.
    --vs-hf adds transformers' generate and assisted generation on the same folders.
@@ -113,6 +114,44 @@ def bench_sampler(device, dtype, full):
     return impls, rows, bandwidth
 
 
+def bench_tree_sampler(device, dtype, impls):
+    """sampler.tree_sample on one tree's nodes: R nodes, m = 4 candidates each, V = 151936."""
+    g, rows = torch.Generator().manual_seed(0), []
+    for R in (8, 32):
+        for children in ("drawn", "top-k"):
+            p, q, cands, u, e = tree_inputs(R, 4, 151936, g, children == "drawn")
+            inputs = [[p.to(device, dtype), q.to(device, dtype) if q is not None else None, cands.to(device),
+                       u.to(device), e.to(device)]]
+            row = {"R": R, "children": children}
+            for impl in impls:
+                row[impl] = time_call(sampler.TREE_IMPLEMENTATIONS[impl], inputs, device, 10)
+                row[f"{impl} out"] = [x.cpu() for x in sampler.TREE_IMPLEMENTATIONS[impl](*inputs[0])]
+            outs = [row.pop(f"{i} out") for i in impls]
+            row["agree"] = all(torch.equal(a, b) for o in outs[1:] for a, b in zip(o, outs[0]))
+            rows.append(row)
+            say(f"  tree sampler R={R} {children}: " + ", ".join(f"{i} {row[i] * 1e6:.0f} us" for i in impls))
+    return rows
+
+
+def tree_inputs(R, m, V, g, drawn):
+    """Target and draft probabilities like bench's chain inputs; candidates drawn from q or its top m."""
+    logits = torch.randn(R, V, generator=g) * 3
+    p, q = torch.softmax(logits, -1), torch.softmax(logits + torch.randn(R, V, generator=g), -1)
+    cands = sampler.draw(q[:, None].expand(R, m, V), torch.empty(R, m, V).exponential_(generator=g)) if drawn \
+        else q.topk(m, -1).indices
+    return p, q if drawn else None, cands, torch.rand(R, m, generator=g), torch.empty(V).exponential_(generator=g)
+
+
+def tree_sampler_table(impls, rows):
+    head = ["nodes", "children"] + [f"{i} (us)" for i in impls] + [f"{i} speedup" for i in impls[1:]] + ["same tokens"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([str(r["R"]), r["children"]] + [f"{r[i] * 1e6:.0f}" for i in impls] +
+                                       [f"{r['reference'] / r[i]:.1f}x" for i in impls[1:]] +
+                                       ["yes" if r["agree"] else "NO"]) + " |")
+    return "Tree verification (sampler.tree_sample), 4 candidates per node, V = 151936.\n\n" + "\n".join(lines)
+
+
 def sampler_table(impls, rows, bandwidth, device, dtype):
     head = ["vocab", "batch"] + [f"{i} (us)" for i in impls] + [f"{i} speedup" for i in impls[1:]] + \
            [f"{i} acceptance" for i in impls] + ["same tokens", "floor reached"]
@@ -128,6 +167,7 @@ def sampler_table(impls, rows, bandwidth, device, dtype):
 
 METHODS = {
     "ar": dict(mode="ar"),
+    "chain K=2": dict(mode="chain", k=2),
     "chain K=4": dict(mode="chain", k=4),
     "chain auto": dict(mode="chain", k="auto"),
     "tree auto": dict(mode="tree", tree_size="auto"),
@@ -230,6 +270,19 @@ def median_speedups(rows):
     return {m: statistics.median(v) for m, v in out.items()}
 
 
+def tree_vs_chain(rows):
+    """Median over prompts of tree auto's tokens/s and tokens per target pass, each over the
+    fastest chain row of the same prompt (chain's best K there)."""
+    speed, per_pass = [], []
+    for key in {(r["prompt"], r["T"]) for r in rows}:
+        same = [r for r in rows if (r["prompt"], r["T"]) == key]
+        best = max((r for r in same if r["method"].startswith("chain")), key=lambda r: r["stats"].tokens_per_second)
+        t = next(r for r in same if r["method"] == "tree auto")
+        speed.append(t["stats"].tokens_per_second / best["stats"].tokens_per_second)
+        per_pass.append(t["stats"].tokens_per_pass / best["stats"].tokens_per_pass)
+    return statistics.median(speed), statistics.median(per_pass)
+
+
 def plot(path, sampler_rows, impls, e2e_rows):
     import matplotlib
     matplotlib.use("Agg")
@@ -290,13 +343,17 @@ def main():
     if a.only in (None, "sampler"):
         say("sampler micro-benchmark ...")
         impls, sampler_rows, bandwidth = bench_sampler(a.device, getattr(torch, a.dtype), a.full)
-        md += ["## Rejection sampler\n", sampler_table(impls, sampler_rows, bandwidth, a.device, a.dtype), ""]
+        tree_rows = bench_tree_sampler(a.device, getattr(torch, a.dtype), impls)
+        md += ["## Rejection sampler\n", sampler_table(impls, sampler_rows, bandwidth, a.device, a.dtype), "",
+               tree_sampler_table(impls, tree_rows), ""]
     if a.only in (None, "e2e"):
         say(f"end to end: {a.target} with draft {a.draft} ...")
         e2e_rows = bench_e2e(a)
         speed = median_speedups(e2e_rows)
         md += [f"## End to end: {a.target} with draft {a.draft}\n", e2e_table(e2e_rows), "",
-               "Median speedup over autoregressive: " + ", ".join(f"{m} {v:.2f}x" for m, v in speed.items()), ""]
+               "Median speedup over autoregressive: " + ", ".join(f"{m} {v:.2f}x" for m, v in speed.items()), "",
+               "Tree auto over the fastest chain row of each prompt (median): {:.2f}x tokens/s, "
+               "{:.2f}x tokens per target pass.".format(*tree_vs_chain(e2e_rows)), ""]
     text = "\n".join(md)
     open("bench_results.md", "w").write(text)
     plot("bench.png", sampler_rows, impls, e2e_rows)

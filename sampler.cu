@@ -1,12 +1,18 @@
-// Rejection sampling for speculative decoding: the contract of sampler.py, as one kernel.
+// Rejection sampling for speculative decoding: the contracts of sampler.py, as kernels.
 //
-// One block per batch row. Thread 0 runs the accept scan (u_i * q_i(x_i) < p_i(x_i)),
-// which reads 2K numbers. Then the whole block draws the emitted token from
-// r = max(0, p_n - q_n) (or p_{K+1} for the bonus) by the exponential race
-// argmax_v r_v / e_v: each thread scans a strided slice with vectorised, coalesced loads,
-// a warp reduces with shuffles, and warp 0 reduces the warps' winners. Ties go to the
-// lower index, as torch.argmax does, so every implementation returns the same tokens.
+// rejection_kernel (a chain): one block per batch row. Thread 0 runs the accept scan
+// (u_i * q_i(x_i) < p_i(x_i)), which reads 2K numbers. Then the whole block draws the
+// emitted token from r = max(0, p_n - q_n) (or p_{K+1} for the bonus) by the exponential
+// race argmax_v r_v / e_v: each thread scans a strided slice with vectorised, coalesced
+// loads, a warp reduces with shuffles, and warp 0 reduces the warps' winners. Ties go to
+// the lower index, as torch.argmax does, so every implementation returns the same tokens.
 // If r is zero everywhere (p == q up to rounding) the race over p decides instead.
+//
+// tree_kernel (a token tree, sampler.tree_sample): one block per node, SpecInfer's
+// multi-round rejection over the node's candidates. The residual after j rejections is
+// never stored: every element is recomputed from p_v, q_v and the j scalars (z, which
+// candidate, whether the step was taken) in the order torch applies them, so the values
+// are bit-identical; sums run in float64 so the block's order does not matter.
 //
 // Only torch/extension.h is needed: the stream comes from Python as an integer, so
 // this file also compiles with nvcc on a machine without a GPU.
@@ -129,6 +135,126 @@ std::vector<torch::Tensor> rejection_sample(torch::Tensor p, torch::Tensor q, to
   return {tokens, accepted};
 }
 
+constexpr int MAX_CANDIDATES = 16;
+
+struct Round {     // what one rejected candidate did to the residual
+  float z;         // sum of r before the step
+  int64_t x;       // the rejected candidate
+  bool taken;      // false: the step would have left nothing, r was kept
+};
+
+// r_v after `n` rounds: r = p, then per taken round max(0, r / z - q) (drawn children) or
+// r with the candidate zeroed (point masses), exactly as sampler.tree_vectorised computes it.
+__device__ __forceinline__ float residual(float p, float q, int64_t v, const Round* rounds, int n, bool drawn) {
+  float r = p;
+  for (int i = 0; i < n; ++i)
+    if (rounds[i].taken) r = drawn ? fmaxf(r / rounds[i].z - q, 0.0f) : (v == rounds[i].x ? 0.0f : r);
+  return r;
+}
+
+// Block-wide float64 sum and "any positive" of (s, any); every thread gets the result.
+__device__ void block_sum(double& s, bool& any, double* sums, bool* anys) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int offset = 16; offset > 0; offset /= 2) {
+    s += __shfl_down_sync(0xffffffff, s, offset);
+    any |= __shfl_down_sync(0xffffffff, any, offset);
+  }
+  if (lane == 0) sums[warp] = s, anys[warp] = any;
+  __syncthreads();
+  s = 0.0, any = false;
+  for (int w = 0; w < WARPS; ++w) s += sums[w], any |= anys[w];
+  __syncthreads();
+}
+
+template <typename T>
+__global__ void tree_kernel(const T* __restrict__ p, const T* __restrict__ q, const int64_t* __restrict__ candidates,
+                            const float* __restrict__ u, const float* __restrict__ e, int64_t* __restrict__ choice,
+                            int64_t* __restrict__ token, int m, int V) {
+  const int row = blockIdx.x, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const bool drawn = q != nullptr;
+  const T* pr = p + int64_t(row) * V;
+  const T* qr = drawn ? q + int64_t(row) * V : nullptr;
+  __shared__ Round rounds[MAX_CANDIDATES];
+  __shared__ double sums[WARPS];
+  __shared__ bool anys[WARPS];
+  __shared__ int accepted;
+  __shared__ Best winners[WARPS];
+  auto qv = [&](int64_t v) { return drawn ? to_float(qr[v]) : 0.0f; };
+
+  // z of the current residual (r = p before any round)
+  if (tid == 0) accepted = -1;
+  double s = 0.0;
+  bool any = false;
+  for (int v = tid; v < V; v += THREADS) s += to_float(pr[v]);
+  block_sum(s, any, sums, anys);               // (its barriers also publish `accepted`)
+  float z = float(s);
+  int n = 0;                                   // rounds so far
+  for (; n < m; ++n) {
+    const int64_t x = candidates[int64_t(row) * m + n];
+    if (x < 0) break;
+    if (tid == 0) {
+      float rx = residual(to_float(pr[x]), qv(x), x, rounds, n, drawn);
+      float qx = drawn ? to_float(qr[x]) : 1.0f;
+      if (u[int64_t(row) * m + n] * qx * z < rx) accepted = n;
+    }
+    __syncthreads();
+    if (accepted >= 0) break;
+    // the step r <- next(r): its sum, and whether anything is left
+    Round step{z, x, true};
+    s = 0.0, any = false;
+    for (int v = tid; v < V; v += THREADS) {
+      float r = residual(to_float(pr[v]), qv(v), v, rounds, n, drawn);
+      float next = drawn ? fmaxf(r / z - qv(v), 0.0f) : (v == x ? 0.0f : r);
+      s += next;
+      any |= next > 0.0f;
+    }
+    block_sum(s, any, sums, anys);
+    step.taken = any;
+    if (any) z = float(s);
+    if (tid == 0) rounds[n] = step;
+    __syncthreads();
+  }
+  if (accepted >= 0) {
+    if (tid == 0) choice[row] = accepted, token[row] = candidates[int64_t(row) * m + accepted];
+    return;
+  }
+  // all rejected: the exponential race over the residual
+  Best best{-1.0f, -1.0f, 0, 0, false};
+  for (int v = tid; v < V; v += THREADS) better(best.r, best.ir, residual(to_float(pr[v]), qv(v), v, rounds, n, drawn) / e[v], v);
+  warp_reduce(best);
+  if (lane == 0) winners[warp] = best;
+  __syncthreads();
+  if (warp == 0) {
+    best = lane < WARPS ? winners[lane] : Best{-1.0f, -1.0f, 0, 0, false};
+    warp_reduce(best);
+    if (lane == 0) choice[row] = -1, token[row] = best.ir;
+  }
+}
+
+std::vector<torch::Tensor> tree_sample(torch::Tensor p, torch::Tensor q, torch::Tensor candidates, torch::Tensor u,
+                                       torch::Tensor e, int64_t stream) {
+  TORCH_CHECK(p.is_cuda() && p.is_contiguous() && q.is_contiguous(), "p and q must be contiguous CUDA tensors");
+  TORCH_CHECK(p.scalar_type() == q.scalar_type(), "p and q must have the same dtype");
+  const int R = p.size(0), V = p.size(1), m = candidates.size(1);
+  TORCH_CHECK(m <= MAX_CANDIDATES, "at most 16 candidates per node");
+  const bool drawn = q.numel() > 0;
+  auto choice = torch::empty({R}, candidates.options());
+  auto token = torch::empty({R}, candidates.options());
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  if (p.scalar_type() == torch::kFloat) {
+    tree_kernel<float><<<R, THREADS, 0, s>>>(p.data_ptr<float>(), drawn ? q.data_ptr<float>() : nullptr,
+        candidates.data_ptr<int64_t>(), u.data_ptr<float>(), e.data_ptr<float>(), choice.data_ptr<int64_t>(),
+        token.data_ptr<int64_t>(), m, V);
+  } else {
+    TORCH_CHECK(p.scalar_type() == torch::kBFloat16, "probabilities must be float32 or bfloat16");
+    tree_kernel<uint16_t><<<R, THREADS, 0, s>>>(reinterpret_cast<const uint16_t*>(p.data_ptr()),
+        drawn ? reinterpret_cast<const uint16_t*>(q.data_ptr()) : nullptr, candidates.data_ptr<int64_t>(),
+        u.data_ptr<float>(), e.data_ptr<float>(), choice.data_ptr<int64_t>(), token.data_ptr<int64_t>(), m, V);
+  }
+  return {choice, token};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rejection_sample", &rejection_sample, "speculative rejection sampling (see sampler.py)");
+  m.def("tree_sample", &tree_sample, "multi-candidate rejection sampling at every tree node (see sampler.py)");
 }

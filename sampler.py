@@ -20,6 +20,8 @@ One contract, three implementations that return the same tokens for the same inp
   p [B, K+1, V] target probs, q [B, K, V] draft probs, draft [B, K] int64,
   u [B, K] float32 uniforms, e [B, V] float32 exponentials (one race per row)
   -> tokens [B, K+1] int64 (accepted drafts, then the emitted token, then -1), n [B] accepted.
+A token tree has its own contract, with the same three implementations: tree_sample decides
+at a tree node among several candidate children (SpecInfer's multi-round rejection).
 """
 import sys
 import time
@@ -169,31 +171,108 @@ def cuda(p, q, draft, u, e):
     return tokens, n
 
 
-def multi_candidate(p, candidates, q, u, e):
-    """One node of a token tree (SpecInfer's multi-round rejection sampling).
+def check_tree_inputs(p, q, candidates, u, e):
+    """Raise SamplerError unless the inputs follow the tree contract (see tree_sample)."""
+    if p.dim() != 2 or candidates.dim() != 2:
+        raise SamplerError("expected p [R,V] and candidates [R,m]")
+    R, V = p.shape
+    if (q is not None and q.shape != (R, V)) or candidates.shape[0] != R or u.shape != candidates.shape or e.shape != (V,):
+        raise SamplerError(f"shapes disagree: p {tuple(p.shape)}, q {None if q is None else tuple(q.shape)}, "
+                           f"candidates {tuple(candidates.shape)}, u {tuple(u.shape)}, e {tuple(e.shape)}")
+    if candidates.numel() and (candidates.min() < -1 or candidates.max() >= V):
+        raise SamplerError(f"candidate token ids must lie in [0, {V}) (or -1 for none)")
+    for name, x in (("target", p), ("draft", q)):
+        if x is not None and torch.isnan(x).any():
+            raise SamplerError(f"NaN in the {name} probabilities")
+        if x is not None and (x < 0).any():
+            raise SamplerError(f"negative {name} probabilities")
 
-    p [V] target probs at the node; candidates: the m child tokens the draft proposed, in
-    the order they were made; q [V] the draft distribution they were drawn from i.i.d., or
-    None when they were chosen deterministically (top-k: each is then a point mass);
-    u [m] uniforms, e [V] exponentials. For j = 1..m: accept c_j with probability
-    min(1, r(c_j) / q(c_j)) where r is the current target residual (r = p at first); on
-    rejection r <- norm(max(0, r - q)) (for a point mass: r(c_j) <- 0, renormalised).
-    Returns (j, c_j) for the accepted candidate, or (-1, token) with token ~ r if all are
-    rejected. The returned token is distributed exactly as p."""
+
+def tree_sample(p, q, candidates, u, e, impl="auto"):
+    """SpecInfer's multi-round rejection sampling at R nodes of a token tree (one row each).
+
+    Row i is one node: p [R, V] the target's probabilities there; candidates [R, m] the
+    child tokens the draft proposed, in the order they were made (-1 pads); q [R, V] the
+    draft distribution they were drawn from i.i.d., or q = None when they were chosen
+    deterministically (top-k: each is then a point mass); u [R, m] uniforms; e [V]
+    exponentials, shared by the rows (a step emits the residual draw of one node only).
+
+    For j = 1..m, with r the current residual (r = p at first) and z = sum(r): accept c_j
+    with probability min(1, r(c_j) / (z q(c_j))), i.e. when u_j q(c_j) z < r(c_j) (q = 1 for
+    a point mass); on rejection r <- max(0, r / z - q), or r with r(c_j) = 0 for a point
+    mass (unless that leaves nothing, when p == q up to rounding). If all are rejected, the
+    token is drawn from r by the exponential race. Either way it is distributed exactly as p.
+    z is summed in float64, so every implementation takes the same decisions.
+
+    Returns choice [R] (j of the accepted candidate, or -1) and token [R] (c_j, or the draw)."""
+    check_tree_inputs(p, q, candidates, u, e)
+    if impl == "auto":
+        impl = "cuda" if p.is_cuda and cuda_extension() is not None else "torch"
+    return TREE_IMPLEMENTATIONS[impl](p, q, candidates, u, e)
+
+
+def tree_reference(p, q, candidates, u, e):
+    """The loop, node by node and candidate by candidate."""
+    R, m = candidates.shape
+    choice = torch.full((R,), -1, dtype=torch.long, device=p.device)
+    token = torch.empty(R, dtype=torch.long, device=p.device)
+    for i in range(R):
+        r = p[i].float()
+        for j, x in enumerate(candidates[i].tolist()):
+            if x < 0:
+                break
+            z = r.sum(dtype=torch.float64).float()
+            qx = q[i, x].float() if q is not None else 1.0
+            if u[i, j] * qx * z < r[x]:
+                choice[i], token[i] = j, x
+                break
+            if q is not None:
+                nxt = (r / z - q[i].float()).clamp_min(0)
+            else:
+                nxt = r.clone()
+                nxt[x] = 0.0
+            if (nxt > 0).any():
+                r = nxt
+        if choice[i] < 0:
+            token[i] = draw(r, e)
+    return choice, token
+
+
+def tree_vectorised(p, q, candidates, u, e):
+    """The same decisions for all nodes at once: a loop over the m candidate rounds only."""
+    R, m = candidates.shape
+    rows = torch.arange(R, device=p.device)
     r = p.float()
-    for j, x in enumerate(candidates):
-        z = r.sum()
-        qx = q[x].float() if q is not None else 1.0
-        if u[j] * qx * z < r[x]:
-            return j, int(x)
+    choice = torch.full((R,), -1, dtype=torch.long, device=p.device)
+    open_ = torch.ones(R, dtype=torch.bool, device=p.device)        # neither accepted nor out of candidates
+    for j in range(m):
+        x = candidates[:, j]
+        open_ &= x >= 0
+        x = x.clamp(min=0)
+        z = r.sum(-1, dtype=torch.float64).float()
+        qx = q[rows, x].float() if q is not None else torch.ones(R, device=p.device)
+        accept = open_ & (u[:, j] * qx * z < r[rows, x])
+        choice[accept] = j
+        open_ &= ~accept
         if q is not None:
-            nxt = (r / z - q.float()).clamp_min(0)
+            nxt = (r / z[:, None] - q.float()).clamp_min(0)
         else:
             nxt = r.clone()
-            nxt[x] = 0.0
-        if (nxt > 0).any():
-            r = nxt
-    return -1, int(draw(r, e))
+            nxt[rows, x] = 0.0
+        r = torch.where((open_ & (nxt > 0).any(-1))[:, None], nxt, r)
+    token = torch.where(choice >= 0, candidates[rows, choice.clamp(min=0)], draw(r, e))
+    return choice, token
+
+
+def tree_cuda(p, q, candidates, u, e):
+    """sampler.cu's tree kernel: one block per node, float64 block sums, warp-shuffle argmax."""
+    ext = cuda_extension()
+    if ext is None or not p.is_cuda:
+        raise SamplerError("the cuda sampler needs a CUDA device and the compiled kernel")
+    q = q.contiguous() if q is not None else torch.empty(0, dtype=p.dtype, device=p.device)
+    return ext.tree_sample(p.contiguous(), q, candidates.contiguous(), u.float().contiguous(), e.float().contiguous(),
+                           torch.cuda.current_stream().cuda_stream)
 
 
 IMPLEMENTATIONS = {"reference": reference, "torch": vectorised, "cuda": cuda}
+TREE_IMPLEMENTATIONS = {"reference": tree_reference, "torch": tree_vectorised, "cuda": tree_cuda}

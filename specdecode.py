@@ -371,6 +371,8 @@ def parse_args(argv):
     for name in ("max_new_tokens", "max_depth", "max_nodes_per_level", "max_total_nodes", "branch"):
         if getattr(a, name) < 1:
             raise SpecError(f"--{name.replace('_', '-')} must be at least 1")
+    if a.branch > 16:
+        raise SpecError("--branch must be at most 16 (the CUDA tree sampler's limit)")
     if a.temperature < 0 or not math.isfinite(a.temperature):
         raise SpecError("--temperature must be a finite number >= 0")
     if not 0 < a.top_p <= 1 or a.top_k < 0 or a.max_time <= 0:

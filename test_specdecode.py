@@ -264,6 +264,45 @@ def test_sampler_implementations_agree():
     assert cases == 432
 
 
+def random_tree_case(R, m, V, g, dtype, kind):
+    """Inputs of sampler.tree_sample: 'drawn' candidates from q, 'top-k' point masses,
+    'greedy' one-hot p over point masses, 'equal' q == p (residuals empty out); random -1 padding."""
+    p = torch.softmax(3 * torch.randn(R, V, generator=g), -1)
+    q = torch.softmax(3 * torch.randn(R, V, generator=g), -1) if kind != "equal" else p.clone()
+    if kind == "greedy":
+        p = torch.zeros(R, V).scatter_(1, p.argmax(-1, keepdim=True), 1.0)
+    if kind in ("drawn", "equal"):
+        candidates = sampler.draw(q[:, None].expand(R, m, V), torch.empty(R, m, V).exponential_(generator=g))
+    else:
+        candidates = q.topk(min(m, V), -1).indices
+    lengths = torch.randint(0, m + 1, (R, 1), generator=g)
+    candidates = torch.where(torch.arange(candidates.shape[1]) < lengths, candidates, -1)
+    u = torch.rand(candidates.shape, generator=g)
+    e = torch.empty(V).exponential_(generator=g)
+    return p.to(dtype), (q.to(dtype) if kind in ("drawn", "equal") else None), candidates, u, e
+
+
+def test_tree_sampler_implementations_agree():
+    g = torch.Generator().manual_seed(1)
+    impls = ["reference", "torch"] + (["cuda"] if torch.cuda.is_available() else [])
+    cases = 0
+    for R in (1, 5, 17):
+        for m in (1, 3, 4):
+            for V in (7, 64, 1000, 151936):
+                for dtype in (torch.float32, torch.bfloat16):
+                    for kind in ("drawn", "top-k", "greedy", "equal"):
+                        inputs = random_tree_case(R, m, V, g, dtype, kind)
+                        outs = []
+                        for i in impls:
+                            device = "cuda" if i == "cuda" else "cpu"
+                            outs.append([x.cpu() for x in sampler.TREE_IMPLEMENTATIONS[i](
+                                *[x.to(device) if x is not None else None for x in inputs])])
+                        for choice, token in outs[1:]:
+                            assert torch.equal(choice, outs[0][0]) and torch.equal(token, outs[0][1])
+                        cases += 1
+    assert cases == 288
+
+
 def test_greedy_sampler_accepts_iff_argmax():
     p = torch.zeros(1, 4, 10)
     p[0, torch.arange(4), torch.tensor([3, 5, 7, 1])] = 1
@@ -287,6 +326,21 @@ def test_sampler_refuses_bad_input(bad):
         draft[0, 0] = 10
     with pytest.raises(sampler.SamplerError):
         sampler.rejection_sample(p, q, draft, u, e)
+
+
+@pytest.mark.parametrize("bad", ["nan", "negative", "id", "shape"])
+def test_tree_sampler_refuses_bad_input(bad):
+    p, q, candidates, u, e = random_tree_case(3, 2, 10, torch.Generator().manual_seed(0), torch.float32, "drawn")
+    if bad == "nan":
+        p[0, 0] = float("nan")
+    elif bad == "negative":
+        q[1, 1] = -0.1
+    elif bad == "id":
+        candidates[0, 0] = 10
+    else:
+        e = e[:5]
+    with pytest.raises(sampler.SamplerError):
+        sampler.tree_sample(p, q, candidates, u, e)
 
 
 def total_variation(counts, probs):
@@ -352,7 +406,9 @@ def small_tree(children, g, V=8):
     drawn = children == "sample"
     exp = lambda n: torch.empty(n, V).exponential_(generator=g)
     t = tree.Tree()
-    t.candidates[-1], t.dists[-1] = [], q1 if drawn else None
+    t.candidates[-1] = []
+    if drawn:
+        t.dists[-1] = q1
     for c in (sampler.draw(q1.expand(3, V), exp(3)) if drawn else q1.topk(3).indices).tolist():
         node = -1 if c in t.tokens else len(t.tokens)
         if node >= 0:
@@ -360,16 +416,22 @@ def small_tree(children, g, V=8):
         t.candidates[-1].append([c, node, 0, 0])
     for i, c in enumerate(list(t.tokens)):
         grand = sampler.draw(q2[c].expand(2, V), exp(2)) if drawn else q2[c].topk(2).indices
-        t.candidates[i], t.dists[i] = [[x, -1, 0, 0] for x in grand.tolist()], q2[c] if drawn else None
+        t.candidates[i] = [[x, -1, 0, 0] for x in grand.tolist()]
+        if drawn:
+            t.dists[i] = q2[c]
     return t, torch.stack([p1] + [p2[c] for c in t.tokens])
 
 
-def wrong_multi_candidate(p, cands, q, u, e):
+def wrong_tree_sample(p, q, candidates, u, e):
     """A wrong scheme: accept by the target/draft ratio but never update the residual."""
-    for j, x in enumerate(cands):
-        if u[j] * (q[x] if q is not None else 1.0) < p[x]:
-            return j, x
-    return -1, int(sampler.draw(p, e))
+    R, m = candidates.shape
+    choice, token = torch.full((R,), -1), sampler.draw(p, e)
+    for i in range(R):
+        for j, x in enumerate(candidates[i].tolist()):
+            if x >= 0 and u[i, j] * (q[i, x] if q is not None else 1.0) < p[i, x]:
+                choice[i], token[i] = j, x
+                break
+    return choice, token
 
 
 @pytest.mark.parametrize("children", ["sample", "top-k"])
@@ -396,7 +458,7 @@ def test_tree_sampling_is_exactly_the_target_distribution(children, monkeypatch)
     for a in range(V):
         if second[a].sum() > 2000:
             assert total_variation(second[a], p2[a]) < 0.05
-    monkeypatch.setattr(sampler, "multi_candidate", wrong_multi_candidate)
+    monkeypatch.setitem(sampler.TREE_IMPLEMENTATIONS, "torch", wrong_tree_sample)
     first, _ = histogram()
     assert total_variation(first, p1) > 0.05
 

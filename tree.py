@@ -10,7 +10,7 @@ Grow (level by level, ONE draft forward per level over the whole frontier):
     are pruned: never fed to a model, but kept in the picture and in verification.
 Score: ONE target forward over the root and every kept node, with a tree attention mask
     (a node sees the prefix, its ancestors and itself) and position = prefix length + depth.
-Verify: walk down from the root. At each node, sampler.multi_candidate runs SpecInfer's
+Verify: walk down from the root. At each node, sampler.tree_sample runs SpecInfer's
     multi-round rejection over the node's candidates (kept or pruned) in the order they were
     made: an accepted kept child is descended into, an accepted pruned child ends the step,
     and if all are rejected a token is drawn from the target's residual. Every emitted token
@@ -56,7 +56,7 @@ class Tree:
     q: list = field(default_factory=list)           # draft probability of the node's token
     logp: list = field(default_factory=list)        # cumulative draft log-probability
     candidates: dict = field(default_factory=dict)  # node (-1 = root) -> [(token, child node or -1, q, logp)]
-    dists: dict = field(default_factory=dict)       # node -> q_f it drew from (sampling) or None (point masses)
+    dists: dict = field(default_factory=dict)       # node -> q_f its candidates were drawn from (only when drawn)
     levels: int = 0                                  # draft forwards spent growing
 
     def ancestors(self):
@@ -149,7 +149,8 @@ def grow(draft, tokens, settings, vocab, generator, budget: Budget, sizer: AutoS
     for depth in range(1, budget.max_depth + 1):
         unique = []                                   # (parent, candidate); a repeated token is never a new node
         for f, q in zip(frontier, q_frontier):
-            t.dists[f] = q if drawn else None
+            if drawn:
+                t.dists[f] = q
             e = torch.empty(budget.branch, vocab, device=q.device).exponential_(generator=generator) if drawn else None
             base = t.logp[f] if f >= 0 else 0.0
             t.candidates[f], seen = [], set()
@@ -212,17 +213,20 @@ def score(target, tokens, t: Tree):
 
 
 def verify(t: Tree, p, generator):
-    """Walk the tree with multi-round rejection sampling: (accepted kept nodes, next token).
-    p [1 + N, V]: target probabilities at the root and at each node."""
+    """Walk the tree with multi-round rejection sampling (sampler.tree_sample, one node at a
+    time): (accepted kept nodes, next token). p [1 + N, V]: target probabilities at the root
+    and at each node. One exponential race per step: only the node that ends it draws."""
     node, path = -1, []
-    V = p.shape[-1]
+    e = torch.empty(p.shape[-1], device=p.device).exponential_(generator=generator)
     while True:
         cands = t.candidates.get(node, [])
-        u = torch.rand(len(cands), generator=generator, device=p.device)
-        e = torch.empty(V, device=p.device).exponential_(generator=generator)
-        j, token = sampler.multi_candidate(p[node + 1], [c[0] for c in cands], t.dists.get(node), u, e)
+        tokens = torch.tensor([[c[0] for c in cands] or [-1]], device=p.device)
+        u = torch.rand(tokens.shape, generator=generator, device=p.device)
+        q = t.dists[node][None] if node in t.dists else None
+        choice, token = sampler.tree_sample(p[node + 1][None], q, tokens, u, e)
+        j = int(choice)
         if j < 0 or cands[j][1] < 0:
-            return path, token
+            return path, int(token)
         node = cands[j][1]
         path.append(node)
 
