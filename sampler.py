@@ -248,6 +248,8 @@ def tree_vectorised(p, q, candidates, u, e):
     for j in range(m):
         x = candidates[:, j]
         open_ &= x >= 0
+        if not open_.any():
+            break
         x = x.clamp(min=0)
         z = r.sum(-1, dtype=torch.float64).float()
         qx = q[rows, x].float() if q is not None else torch.ones(R, device=p.device)

@@ -131,7 +131,7 @@ def best_k(history, costs, k_max=12):
     def tokens(k):
         return sum(1 + min(n, k) if n < K or k <= K else 1 + K + alpha * (1 - alpha ** (k - K)) / (1 - alpha)
                    for K, n in history) / len(history)
-    return max(range(1, k_max + 1), key=lambda k: tokens(k) / (k * costs.draft_step() + costs.target_pass(k + 1)))
+    return max(range(1, k_max + 1), key=lambda k: tokens(k) / (k * costs.draft_pass(1) + costs.target_pass(k + 1)))
 
 
 def decode_ar(target, draft, tokens, opts, stats):
@@ -160,7 +160,7 @@ def decode_chain(target, draft, tokens, opts, stats):
             with Timer(stats, "t_draft", draft.device) as timer:
                 q = opts.settings.probs(feed(draft, tokens[:start] + drafts)[0, -1, :opts.vocab])
                 drafts.append(int(sampler.draw(q, exponentials(opts))))
-            costs.add_draft(timer.seconds)
+            costs.add_draft(1, timer.seconds)
             qs.append(q)
         with Timer(stats, "t_target", target.device) as timer:
             logits = feed(target, tokens, drafts)[:, -(k + 1):, :opts.vocab]

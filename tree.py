@@ -20,10 +20,10 @@ Compact: both KV caches keep the prefix and the accepted path, nothing else.
 
 Auto sizing (`AutoSize`): the expected number of tokens a step yields is 1 + sum over kept
 nodes of P(node accepted), estimated as exp(logp) times a calibration the run measures
-(accepted depth / predicted depth). Time is (levels) x draft step + target pass(N nodes),
-both measured on this machine. Each level keeps the m best candidates maximising
-expected tokens per second, and the tree goes one level deeper only while that rate is
-still expected to rise.
+(accepted depth / predicted depth). Time is the draft forwards (each a function of the
+tokens it feeds) plus the target pass over N nodes, all measured on this machine. Each
+level keeps the m best candidates maximising expected tokens per second, and the tree
+goes one level deeper only while that rate is still expected to rise.
 """
 import math
 import random
@@ -70,30 +70,36 @@ class Tree:
 
 
 class Costs:
-    """What this machine measures: seconds of a draft forward, and of a target forward as a
-    function of the tokens it scores (least squares on recent calls: a + b * n)."""
+    """What this machine measures: seconds of a draft and of a target forward, each as a
+    function of the tokens it feeds (least squares on the last 32 calls: a + b * n). Width is
+    not free: in float32, or for a wide tree level, a batched pass costs much more than one token."""
 
     def __init__(self):
         self.draft, self.target = [], []
 
-    def add_draft(self, seconds):
-        self.draft = (self.draft + [seconds])[-32:]
+    def add_draft(self, n, seconds):
+        self.draft = (self.draft + [(n, seconds)])[-32:]
 
     def add_target(self, n, seconds):
         self.target = (self.target + [(n, seconds)])[-32:]
 
-    def draft_step(self):
-        return sorted(self.draft)[len(self.draft) // 2] if self.draft else 0.5
+    def draft_pass(self, n):
+        return fit(self.draft, n, 0.5)
 
     def target_pass(self, n):
-        if not self.target:
-            return 1.0
-        ns = torch.tensor([x for x, _ in self.target], dtype=torch.float64)
-        ts = torch.tensor([t for _, t in self.target], dtype=torch.float64)
-        if ns.max() == ns.min():
-            return float(ts.median())
-        b = float(((ns - ns.mean()) * (ts - ts.mean())).sum() / ((ns - ns.mean()) ** 2).sum())
-        return float(ts.mean()) + max(b, 0.0) * (n - float(ns.mean()))
+        return fit(self.target, n, 1.0)
+
+
+def fit(samples, n, default):
+    """a + b * n (b >= 0) fitted to (n, seconds) samples; their median while all n are equal."""
+    if not samples:
+        return default
+    ns = torch.tensor([x for x, _ in samples], dtype=torch.float64)
+    ts = torch.tensor([t for _, t in samples], dtype=torch.float64)
+    if ns.max() == ns.min():
+        return float(ts.median())
+    b = float(((ns - ns.mean()) * (ts - ts.mean())).sum() / ((ns - ns.mean()) ** 2).sum())
+    return float(ts.mean()) + max(b, 0.0) * (n - float(ns.mean()))
 
 
 class AutoSize:
@@ -102,22 +108,28 @@ class AutoSize:
     def __init__(self):
         self.costs, self.calibration = Costs(), 0.8
 
-    def rate(self, gain, levels, nodes):
-        return (1 + self.calibration * gain) / (levels * self.costs.draft_step() + self.costs.target_pass(nodes + 1))
+    def rate(self, gain, drafting, nodes):
+        return (1 + self.calibration * gain) / (drafting + self.costs.target_pass(nodes + 1))
+
+    def drafting(self, t):
+        """Expected seconds of the draft forwards grown so far: the root, then one per level's width."""
+        widths = [t.depths.count(d) for d in range(1, t.levels)]
+        return self.costs.draft_pass(1) + sum(self.costs.draft_pass(w) for w in widths)
 
     def keep(self, scores, t):
         """How many of the level's candidates (probabilities exp(logp), best first) to keep,
-        and whether a further level is expected to pay for its draft forward."""
-        gain = sum(math.exp(x) for x in t.logp)
-        best_m, best = 0, self.rate(gain, t.levels, len(t.tokens))
+        and whether a further level is expected to pay for its draft forward over them."""
+        gain, drafting = sum(math.exp(x) for x in t.logp), self.drafting(t)
+        best_m, best = 0, self.rate(gain, drafting, len(t.tokens))
         g = gain
         for m, s in enumerate(scores, 1):
             g += s
-            r = self.rate(g, t.levels, len(t.tokens) + m)
+            r = self.rate(g, drafting, len(t.tokens) + m)
             if r > best:
                 best_m, best = m, r
         kept = sum(scores[:best_m])
-        deeper = self.rate(gain + kept + kept * max(scores[:1] or [0]), t.levels + 1, len(t.tokens) + 2 * best_m)
+        deeper = self.rate(gain + kept + kept * max(scores[:1] or [0]), drafting + self.costs.draft_pass(best_m),
+                           len(t.tokens) + 2 * best_m)
         return best_m, deeper > best
 
     def observe(self, t, accepted):
@@ -145,7 +157,7 @@ def grow(draft, tokens, settings, vocab, generator, budget: Budget, sizer: AutoS
     q_frontier = dist(draft(torch.tensor([new], device=draft.device))[0, -1:, :vocab])
     prefix, frontier, t.levels = len(tokens), [-1], 1
     if sizer:
-        sizer.costs.add_draft(time.perf_counter() - t0)
+        sizer.costs.add_draft(len(new), time.perf_counter() - t0)
     for depth in range(1, budget.max_depth + 1):
         unique = []                                   # (parent, candidate); a repeated token is never a new node
         for f, q in zip(frontier, q_frontier):
@@ -193,7 +205,7 @@ def grow(draft, tokens, settings, vocab, generator, budget: Budget, sizer: AutoS
         q_frontier = dist(logits[0, :, :vocab])
         t.levels += 1
         if sizer:
-            sizer.costs.add_draft(time.perf_counter() - t1)
+            sizer.costs.add_draft(len(frontier), time.perf_counter() - t1)
     return t
 
 
