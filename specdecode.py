@@ -1,6 +1,6 @@
 """Speculative decoding from the command line: autoregressive, chain and tree.
 
-    python specdecode.py                                   # the demo pair, chain --k auto, a coding prompt
+    python specdecode.py                                   # the demo pair, tree --tree auto, a coding prompt
     python specdecode.py --mode chain --k 4 --prompt "Write quicksort in C"
     echo "Explain RoPE" | python specdecode.py --prompt - --temperature 0.7
 
@@ -86,7 +86,8 @@ class Stats:
                   f"acceptance {self.acceptance:.2f}, time draft {self.t_draft:.1f} s / target {self.t_target:.1f} s"
                   f" / sampling {self.t_sample:.2f} s / other {other:.2f} s")
         if self.mode == "tree":
-            s += f", mean tree {self.drafted / max(1, self.target_passes):.1f} nodes"
+            s += (f", mean tree {self.drafted / max(1, self.target_passes):.1f} nodes, mean accepted depth "
+                  f"{sum(self.ks) / max(1, len(self.ks)):.2f}")
         if self.mode == "chain" and self.ks:
             s += f", mean K {sum(self.ks) / len(self.ks):.1f}"
         return s
@@ -156,15 +157,18 @@ def decode_chain(target, draft, tokens, opts, stats):
     k, history, costs = (4 if opts.k == "auto" else opts.k), [], tree.Costs()
     while True:
         start, qs, drafts = len(tokens), [], []
+        warm = target.length > 0                      # the first step's passes include the prompt: not timed
         for _ in range(k):
             with Timer(stats, "t_draft", draft.device) as timer:
                 q = opts.settings.probs(feed(draft, tokens[:start] + drafts)[0, -1, :opts.vocab])
                 drafts.append(int(sampler.draw(q, exponentials(opts))))
-            costs.add_draft(1, timer.seconds)
+            if warm:
+                costs.add_draft(1, timer.seconds)
             qs.append(q)
         with Timer(stats, "t_target", target.device) as timer:
             logits = feed(target, tokens, drafts)[:, -(k + 1):, :opts.vocab]
-        costs.add_target(k + 1, timer.seconds)
+        if warm:
+            costs.add_target(k + 1, timer.seconds)
         with Timer(stats, "t_sample", target.device):
             p = opts.settings.probs(logits)
             u, e = sampler.random_inputs(1, k, opts.vocab, opts.generator, opts.device)
@@ -189,12 +193,12 @@ def decode_tree(target, draft, tokens, opts, stats):
     """Grow a token tree with the draft, verify it in one target pass, keep the accepted path."""
     sizer = tree.AutoSize() if opts.tree_size == "auto" else None
     while True:
-        start = len(tokens)
+        start, warm = len(tokens), target.length > 0
         with Timer(stats, "t_draft", draft.device):
             t = tree.grow(draft, tokens, opts.settings, opts.vocab, opts.generator, opts.budget, sizer)
         with Timer(stats, "t_target", target.device) as timer:
             logits = tree.score(target, tokens, t)[0, :, :opts.vocab]
-        if sizer:
+        if sizer and warm:
             sizer.costs.add_target(len(t.tokens) + 1, timer.seconds)
         with Timer(stats, "t_sample", target.device):
             path, new = tree.verify(t, opts.settings.probs(logits), opts.generator)
@@ -218,7 +222,7 @@ DECODERS = {"ar": decode_ar, "chain": decode_chain, "tree": decode_tree}
 
 @dataclass
 class Options:
-    mode: str = "chain"
+    mode: str = "tree"
     settings: Settings = field(default_factory=Settings)
     max_new_tokens: int = 128
     k: object = "auto"                      # chain: int or "auto"
@@ -338,8 +342,8 @@ class Parser(argparse.ArgumentParser):
 def parse_args(argv):
     p = Parser(description="Speculative decoding (autoregressive, chain, tree) for Llama/Qwen models.")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt; '-' reads stdin")
-    p.add_argument("--mode", choices=DECODERS, default="chain",
-                   help="default: chain with --k auto, the fastest mode bench.py measured on the demo pair")
+    p.add_argument("--mode", choices=DECODERS, default="tree",
+                   help="default: tree with --tree auto, the fastest mode bench.py measured on the demo pair")
     p.add_argument("--target", default=weights.DEMO_TARGET, help="HuggingFace folder or demo name")
     p.add_argument("--draft", default=weights.DEMO_DRAFT, help="HuggingFace folder or demo name")
     p.add_argument("--max-new-tokens", type=int, default=128)

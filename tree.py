@@ -91,13 +91,15 @@ class Costs:
 
 
 def fit(samples, n, default):
-    """a + b * n (b >= 0) fitted to (n, seconds) samples; their median while all n are equal."""
+    """a + b * n (b >= 0) fitted to (n, seconds) samples. Until two sizes have been seen, a
+    pass is taken to cost in proportion to its tokens (default seconds each before any):
+    pessimistic, so a tree must earn its width before it is measured to be cheap."""
     if not samples:
-        return default
+        return default * n
     ns = torch.tensor([x for x, _ in samples], dtype=torch.float64)
     ts = torch.tensor([t for _, t in samples], dtype=torch.float64)
     if ns.max() == ns.min():
-        return float(ts.median())
+        return float(ts.median()) * n / float(ns[0])
     b = float(((ns - ns.mean()) * (ts - ts.mean())).sum() / ((ns - ns.mean()) ** 2).sum())
     return float(ts.mean()) + max(b, 0.0) * (n - float(ns.mean()))
 
@@ -153,10 +155,10 @@ def grow(draft, tokens, settings, vocab, generator, budget: Budget, sizer: AutoS
     # drawn children need the exact q they are drawn from; top-k children are point masses,
     # so any q may rank them: greedy ranks by the plain softmax, not by its one-hot argmax
     dist = lambda logits: settings.probs(logits) if drawn or settings.temperature > 0 else sampler.probs(logits)
-    new = tokens[draft.length:]
+    new, warm = tokens[draft.length:], draft.length > 0    # the first tree's root pass holds the prompt
     q_frontier = dist(draft(torch.tensor([new], device=draft.device))[0, -1:, :vocab])
     prefix, frontier, t.levels = len(tokens), [-1], 1
-    if sizer:
+    if sizer and warm:
         sizer.costs.add_draft(len(new), time.perf_counter() - t0)
     for depth in range(1, budget.max_depth + 1):
         unique = []                                   # (parent, candidate); a repeated token is never a new node
