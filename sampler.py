@@ -239,30 +239,32 @@ def tree_reference(p, q, candidates, u, e):
 
 
 def tree_vectorised(p, q, candidates, u, e):
-    """The same decisions for all nodes at once: a loop over the m candidate rounds only."""
+    """The same decisions for all nodes at once: a loop over the m candidate rounds only,
+    each on the rows still undecided."""
     R, m = candidates.shape
-    rows = torch.arange(R, device=p.device)
-    r = p.float()
+    r = p.float().clone()
     choice = torch.full((R,), -1, dtype=torch.long, device=p.device)
-    open_ = torch.ones(R, dtype=torch.bool, device=p.device)        # neither accepted nor out of candidates
+    o = torch.arange(R, device=p.device)                   # rows with no candidate accepted yet
     for j in range(m):
-        x = candidates[:, j]
-        open_ &= x >= 0
-        if not open_.any():
+        o = o[candidates[o, j] >= 0]
+        if len(o) == 0:
             break
-        x = x.clamp(min=0)
-        z = r.sum(-1, dtype=torch.float64).float()
-        qx = q[rows, x].float() if q is not None else torch.ones(R, device=p.device)
-        accept = open_ & (u[:, j] * qx * z < r[rows, x])
-        choice[accept] = j
-        open_ &= ~accept
+        x = candidates[o, j]
+        z = r[o].sum(-1, dtype=torch.float64).float()
+        qx = q[o, x].float() if q is not None else torch.ones(len(o), device=p.device)
+        accept = u[o, j] * qx * z < r[o, x]
+        choice[o[accept]] = j
+        o, x, z = o[~accept], x[~accept], z[~accept]
         if q is not None:
-            nxt = (r / z[:, None] - q.float()).clamp_min(0)
+            nxt = (r[o] / z[:, None] - q[o].float()).clamp_min(0)
         else:
-            nxt = r.clone()
-            nxt[rows, x] = 0.0
-        r = torch.where((open_ & (nxt > 0).any(-1))[:, None], nxt, r)
-    token = torch.where(choice >= 0, candidates[rows, choice.clamp(min=0)], draw(r, e))
+            nxt = r[o]                                     # (a copy: advanced indexing)
+            nxt[torch.arange(len(o), device=p.device), x] = 0.0
+        left = nxt.amax(-1) > 0                           # (r >= 0: cheaper than any(nxt > 0))
+        r[o[left]] = nxt[left]
+    token = candidates[torch.arange(R, device=p.device), choice.clamp(min=0)]
+    rejected = choice < 0
+    token[rejected] = draw(r[rejected], e)
     return choice, token
 
 

@@ -213,6 +213,18 @@ def test_tree_budgets_hold(pair):
     assert slow.levels == 1                          # max_time: one level, then stop
 
 
+def test_costs_price_width():
+    """AutoSize's cost model: a pass over n tokens costs n x the default before any
+    measurement, in proportion to the one size seen, then a + b * n fitted by least squares."""
+    c = tree.Costs()
+    assert c.target_pass(4) == pytest.approx(4.0) and c.draft_pass(3) == pytest.approx(1.5)
+    c.add_target(2, 0.2)
+    assert c.target_pass(4) == pytest.approx(0.4)
+    c.add_target(10, 0.28)
+    c.add_target(6, 0.24)
+    assert c.target_pass(20) == pytest.approx(0.38)
+
+
 def test_padding_rows_are_never_proposed(tmp_path):
     """Same tokenizer, different embedding sizes (as Qwen2.5-7B vs 0.5B): the padding rows never appear."""
     target = load(tiny_model(tmp_path / "t", vocab=12, rows=16, seed=3, scale=3.0))
