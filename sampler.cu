@@ -58,12 +58,23 @@ __device__ __forceinline__ void warp_reduce(Best& b) {
   }
 }
 
+// The block's best of every thread's `best` (lowest index on ties); valid in thread 0.
+__device__ Best block_best(Best best, Best* winners) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  warp_reduce(best);
+  if (lane == 0) winners[warp] = best;
+  __syncthreads();
+  best = lane < WARPS ? winners[lane] : Best{-1.0f, -1.0f, 0, 0, false};
+  if (warp == 0) warp_reduce(best);
+  return best;
+}
+
 template <typename T>
 __global__ void rejection_kernel(const T* __restrict__ p, const T* __restrict__ q,
                                  const int64_t* __restrict__ draft, const float* __restrict__ u,
                                  const float* __restrict__ e, int64_t* __restrict__ tokens,
                                  int64_t* __restrict__ accepted, int K, int V) {
-  const int b = blockIdx.x, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int b = blockIdx.x, tid = threadIdx.x;
   const T* pb = p + int64_t(b) * (K + 1) * V;
   const T* qb = q + int64_t(b) * K * V;
   __shared__ int n_shared;
@@ -104,14 +115,8 @@ __global__ void rejection_kernel(const T* __restrict__ p, const T* __restrict__ 
     for (int v = tid; v < V; v += THREADS) visit(best, to_float(pn[v]), qn ? to_float(qn[v]) : 0.0f, eb[v], v);
   }
 
-  warp_reduce(best);
-  if (lane == 0) winners[warp] = best;
-  __syncthreads();
-  if (warp == 0) {
-    best = lane < WARPS ? winners[lane] : Best{-1.0f, -1.0f, 0, 0, false};
-    warp_reduce(best);
-    if (lane == 0) tokens[b * (K + 1) + n] = best.any ? best.ir : best.ip;
-  }
+  best = block_best(best, winners);
+  if (tid == 0) tokens[b * (K + 1) + n] = best.any ? best.ir : best.ip;
 }
 
 std::vector<torch::Tensor> rejection_sample(torch::Tensor p, torch::Tensor q, torch::Tensor draft,
@@ -170,7 +175,7 @@ template <typename T>
 __global__ void tree_kernel(const T* __restrict__ p, const T* __restrict__ q, const int64_t* __restrict__ candidates,
                             const float* __restrict__ u, const float* __restrict__ e, int64_t* __restrict__ choice,
                             int64_t* __restrict__ token, int m, int V) {
-  const int row = blockIdx.x, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int row = blockIdx.x, tid = threadIdx.x;
   const bool drawn = q != nullptr;
   const T* pr = p + int64_t(row) * V;
   const T* qr = drawn ? q + int64_t(row) * V : nullptr;
@@ -221,14 +226,8 @@ __global__ void tree_kernel(const T* __restrict__ p, const T* __restrict__ q, co
   // all rejected: the exponential race over the residual
   Best best{-1.0f, -1.0f, 0, 0, false};
   for (int v = tid; v < V; v += THREADS) better(best.r, best.ir, residual(to_float(pr[v]), qv(v), v, rounds, n, drawn) / e[v], v);
-  warp_reduce(best);
-  if (lane == 0) winners[warp] = best;
-  __syncthreads();
-  if (warp == 0) {
-    best = lane < WARPS ? winners[lane] : Best{-1.0f, -1.0f, 0, 0, false};
-    warp_reduce(best);
-    if (lane == 0) choice[row] = -1, token[row] = best.ir;
-  }
+  best = block_best(best, winners);
+  if (tid == 0) choice[row] = -1, token[row] = best.ir;
 }
 
 std::vector<torch::Tensor> tree_sample(torch::Tensor p, torch::Tensor q, torch::Tensor candidates, torch::Tensor u,

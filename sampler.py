@@ -90,9 +90,12 @@ def check_inputs(p, q, draft, u, e):
 def rejection_sample(p, q, draft, u, e, impl="auto"):
     """Check the inputs, then run the chosen implementation ('auto': cuda on a GPU, else torch)."""
     check_inputs(p, q, draft, u, e)
-    if impl == "auto":
-        impl = "cuda" if p.is_cuda and cuda_extension() is not None else "torch"
-    return IMPLEMENTATIONS[impl](p, q, draft, u, e)
+    return IMPLEMENTATIONS[default_impl(p) if impl == "auto" else impl](p, q, draft, u, e)
+
+
+def default_impl(p):
+    """'cuda' for probabilities on a GPU where the kernel builds, else 'torch'."""
+    return "cuda" if p.is_cuda and cuda_extension() is not None else "torch"
 
 
 def reference(p, q, draft, u, e):
@@ -206,9 +209,7 @@ def tree_sample(p, q, candidates, u, e, impl="auto"):
 
     Returns choice [R] (j of the accepted candidate, or -1) and token [R] (c_j, or the draw)."""
     check_tree_inputs(p, q, candidates, u, e)
-    if impl == "auto":
-        impl = "cuda" if p.is_cuda and cuda_extension() is not None else "torch"
-    return TREE_IMPLEMENTATIONS[impl](p, q, candidates, u, e)
+    return TREE_IMPLEMENTATIONS[default_impl(p) if impl == "auto" else impl](p, q, candidates, u, e)
 
 
 def tree_reference(p, q, candidates, u, e):
