@@ -205,7 +205,6 @@ __global__ void tree_kernel(const T* __restrict__ p, const T* __restrict__ q, co
     __syncthreads();
     if (accepted >= 0) break;
     // the step r <- next(r): its sum, and whether anything is left
-    Round step{z, x, true};
     s = 0.0, any = false;
     for (int v = tid; v < V; v += THREADS) {
       float r = residual(to_float(pr[v]), qv(v), v, rounds, n, drawn);
@@ -214,9 +213,8 @@ __global__ void tree_kernel(const T* __restrict__ p, const T* __restrict__ q, co
       any |= next > 0.0f;
     }
     block_sum(s, any, sums, anys);
-    step.taken = any;
+    if (tid == 0) rounds[n] = Round{z, x, any};
     if (any) z = float(s);
-    if (tid == 0) rounds[n] = step;
     __syncthreads();
   }
   if (accepted >= 0) {
