@@ -207,7 +207,7 @@ def parting(target, ids, ar_out, out):
     i = next(j for j, (x, y) in enumerate(zip(ar_out, out + [-1] * len(ar_out))) if x != y)
     prefix = ids + ar_out[:i]
     target.setup_cache(len(prefix))
-    batched = target(torch.tensor([prefix]))[0, -1]
+    batched = target(torch.tensor([prefix]), last=1)[0, -1]
     target.setup_cache(len(prefix))
     target(torch.tensor([prefix[:-1]]))
     one = target(torch.tensor([prefix[-1:]]))[0, -1]

@@ -15,9 +15,15 @@ attention mask says which *new* tokens each new token sees (a tree mask); every 
 token sees the whole cached prefix unless the mask covers it too. `truncate(n)` rolls the cache back, `compact(n, keep)`
 keeps slots n+keep (the accepted path of a tree) right after the first n.
 Module names follow the HuggingFace checkpoints so weights load by name.
+
+Decoding one token reads every weight once, so its speed is the memory bandwidth over the
+bytes of weights. Each Linear is therefore prepared once at load (`Transformer.prepare`):
+packed into oneDNN's blocked layout on the CPU, and optionally (a draft) also kept as 4-bit
+integers for the small calls where reading a quarter of the bytes wins.
 """
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +36,62 @@ ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 class ModelError(Exception):
     """A folder that does not hold a model this file can run."""
+
+
+_said = set()
+
+
+def say_once(msg):
+    if msg not in _said:
+        _said.add(msg)
+        print(f"[specdecode] {msg}", file=sys.stderr)
+
+
+PAD = True
+INT4_GROUP = 32        # inputs per scale: Q4_K's sub-block, so the demo GGUFs' 4-bit weights requantise losslessly
+INT4_MAX_ROWS = 4      # measured on Zen 4 (bench.py's forward table): int4 beats packed bf16 up to 4 tokens
+
+
+class Linear(nn.Linear):
+    """y = x W^T + b, with W prepared once at load for the CPU.
+
+    pack(): F.linear on a CPU bf16/fp32 tensor has oneDNN reorder W into its blocked layout
+    on every call, which costs about half the bandwidth; here that reorder is done once (the
+    path Inductor's CPU weight freezing takes) and the plain W is dropped. Same arithmetic:
+    bf16 results are bit-identical, fp32 ones differ in summation order only.
+    quantize_int4(): W is also kept as 4-bit integers w in groups g of INT4_GROUP inputs,
+    W ~ s_g * w + m_g (s_g = (max - min) / 15, m_g = min), and calls of at most INT4_MAX_ROWS
+    rows read those: a quarter of the bytes. Only for a draft: its output is approximate.
+    """
+    packed = int4 = None
+
+    def quantize_int4(self):
+        W = self.weight.detach().float()
+        g = W.view(W.shape[0], -1, INT4_GROUP)
+        lo, hi = g.amin(-1), g.amax(-1)
+        s = ((hi - lo) / 15).clamp(min=1e-12)
+        w = ((g - lo[..., None]) / s[..., None]).round().clamp(0, 15).to(torch.int32).view(W.shape)
+        # torch's int4 matmul computes (w - 8) * s + zero, so zero = m + 8 s
+        scales_zeros = torch.stack((s, lo + 8 * s), -1).transpose(0, 1).contiguous().to(self.weight.dtype)
+        self.int4 = torch._convert_weight_to_int4pack_for_cpu(w, 1), scales_zeros
+
+    def pack(self):
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)   # 1: laid out for one-token calls
+        del self.weight
+
+    def forward(self, x):
+        rows = x.numel() // x.shape[-1]
+        if self.int4 is not None and rows <= INT4_MAX_ROWS:
+            y = torch._weight_int4pack_mm_for_cpu(x.reshape(rows, -1), self.int4[0], INT4_GROUP, self.int4[1])
+            y = y.view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
+        if self.packed is not None:
+            if PAD and rows < 4:
+                x2 = torch.cat((x.reshape(rows, -1), x.new_zeros(4 - rows, x.shape[-1])))
+                y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
+                return y[:rows].view(*x.shape[:-1], -1)
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
 
 @dataclass
@@ -101,6 +163,20 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+FEW_QUERIES = 8     # measured on a 2-core CPU: up to here grouped_attention beats SDPA's flash kernel (4-10x at 1 token)
+
+
+def grouped_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(d), masked) v, in float32 at least, for a few queries: q [B, H, T, d],
+    k and v [B, KV, S, d]. The G = H / KV query heads that share a key/value head are stacked
+    as G*T rows of one matmul, so the cache is read once and never repeated per head."""
+    B, H, T, d = q.shape
+    G, f = H // k.shape[1], torch.promote_types(q.dtype, torch.float32)
+    scores = q.reshape(B, -1, G * T, d).to(f) @ k.to(f).transpose(-1, -2) / math.sqrt(d)
+    scores = scores.masked_fill(~mask.repeat(G, 1), float("-inf"))
+    return (scores.softmax(-1) @ v.to(f)).to(q.dtype).reshape(B, H, T, d)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -115,39 +191,39 @@ class Attention(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         self.c = c
-        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=c.qkv_bias)
-        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+        self.qkv_proj = Linear(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = Linear(c.n_heads * c.head_dim, c.dim, bias=False)
         if c.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.norm_eps), RMSNorm(c.head_dim, c.norm_eps)
         self.k_cache = self.v_cache = None
 
     def forward(self, x, cos, sin, start, mask):
         B, T, _ = x.shape
-        hd = self.c.head_dim
-        q = self.q_proj(x).view(B, T, -1, hd)
-        k = self.k_proj(x).view(B, T, -1, hd)
-        v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+        c = self.c
+        q, k, v = self.qkv_proj(x).view(B, T, -1, c.head_dim).split((c.n_heads, c.n_kv_heads, c.n_kv_heads), dim=2)
+        v = v.transpose(1, 2)
         if self.c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         self.k_cache[:B, :, start:start + T] = k
         self.v_cache[:B, :, start:start + T] = v
         k, v = self.k_cache[:B, :, :start + T], self.v_cache[:B, :, :start + T]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        if T <= FEW_QUERIES:
+            y = grouped_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
-        self.gate_proj = nn.Linear(c.dim, c.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(c.dim, c.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(c.hidden_dim, c.dim, bias=False)
+        self.gate_up_proj = Linear(c.dim, 2 * c.hidden_dim, bias=False)
+        self.down_proj = Linear(c.hidden_dim, c.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -171,17 +247,33 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(c.dim, c.norm_eps)
 
 
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fuse(state):
+    """HuggingFace checkpoints keep q, k, v (and gate, up) as separate matrices with the same
+    input; stacked into one, a layer makes 3 matmul calls instead of 6, over the same bytes
+    (each call has a fixed cost: about 0.1 ms on a 2-core CPU)."""
+    for key in list(state):
+        for fused, parts in FUSED.items():
+            if f".{parts[0]}." in key:
+                pieces = [state.pop(key.replace(parts[0], p), None) for p in parts]
+                if all(p is not None for p in pieces):
+                    state[key.replace(parts[0], fused)] = torch.cat(pieces)
+
+
 class Transformer(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         self.config = c
         self.model = Decoder(c)
-        self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.dim, c.vocab_size, bias=False)
         self.length = 0          # cache slots in use
 
     @classmethod
-    def from_dir(cls, path, config: Config, device="cpu", dtype=torch.bfloat16):
-        """Build on the meta device, then take the (memory-mapped) safetensors weights, cast once."""
+    def from_dir(cls, path, config: Config, device="cpu", dtype=torch.bfloat16, int4=False):
+        """Build on the meta device, take the (memory-mapped) safetensors weights, cast once,
+        then prepare the linears (`prepare`)."""
         from safetensors import SafetensorError, safe_open
         path = Path(path)
         index = path / "model.safetensors.index.json"
@@ -196,21 +288,42 @@ class Transformer(nn.Module):
             raise ModelError(f"cannot read weights in {path}: {e}") from None
         if config.tie_embeddings or "lm_head.weight" not in state:
             state["lm_head.weight"] = state.get("model.embed_tokens.weight")
+        fuse(state)
         with torch.device("meta"):
             model = cls(config)
         missing = [k for k in model.state_dict() if state.get(k) is None]
         if missing:
             raise ModelError(f"weights in {path} lack {len(missing)} tensors, e.g. {missing[0]}")
         model.load_state_dict({k: state[k] for k in model.state_dict()}, assign=True)
+        model.prepare(int4)
         return model.eval()
+
+    def prepare(self, int4=False):
+        """Once, at load: pack every linear for the CPU (and keep int4 copies when asked).
+        Where that cannot be done (CUDA, float16 without AVX512-FP16, float64) the linears
+        stay plain F.linear, and the reason is said once."""
+        if int4 and self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float32):
+            for m in self.modules():
+                if isinstance(m, Linear):
+                    m.quantize_int4()
+        elif int4:
+            say_once(f"int4 weights are for the CPU in bfloat16/float32; {self.device} {self.dtype} keeps its own")
+        if self.device.type != "cpu":
+            return say_once(f"linears on {self.device} run as F.linear (nothing to pack)")
+        try:
+            for m in self.modules():
+                if isinstance(m, Linear):
+                    m.pack()
+        except RuntimeError as e:
+            say_once(f"linears run as F.linear, not packed for the CPU: {str(e).splitlines()[0]}")
 
     @property
     def device(self):
-        return self.lm_head.weight.device
+        return self.model.norm.weight.device
 
     @property
     def dtype(self):
-        return self.lm_head.weight.dtype
+        return self.model.norm.weight.dtype
 
     def setup_cache(self, max_len, batch_size=1):
         """Preallocate keys and values for max_len slots (and the RoPE tables), empty the cache."""
@@ -228,8 +341,9 @@ class Transformer(nn.Module):
         self.max_len, self.length = max_len, 0
 
     @torch.no_grad()
-    def forward(self, tokens, positions=None, attn_mask=None):
-        """Logits [B, T, V] (float32) for tokens [B, T] appended to the cache.
+    def forward(self, tokens, positions=None, attn_mask=None, last=None):
+        """Logits [B, last or T, V] (float32) for tokens [B, T] appended to the cache: the
+        head (V wide) runs on the last `last` tokens only, so a long prompt costs no logits.
 
         positions [B, T] default to the next slots. attn_mask (bool, True = may attend) is
         [T, T] over the new tokens (each also sees every cached slot) or [T, length + T] over
@@ -249,7 +363,7 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, start, mask)
         self.length = start + T
-        return self.lm_head(self.model.norm(x)).float()
+        return self.lm_head(self.model.norm(x[:, -last:] if last else x)).float()
 
     def truncate(self, n):
         """Forget every cached slot from n on (rejected draft tokens)."""

@@ -47,6 +47,12 @@ def tiny_model(folder, arch="qwen2", vocab=32, seed=0, layers=2, scale=1.0, rows
     for k in state:
         if "norm" in k:
             state[k] = 1 + 0.1 * state[k]
+    c = m.config                                     # model.py fuses q/k/v and gate/up; the folder keeps them apart
+    for fused, parts in model.FUSED.items():
+        sizes = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim)[:len(parts)] \
+            if fused == "qkv_proj" else (c.hidden_dim, c.hidden_dim)
+        for k in [k for k in state if fused in k]:
+            state.update(zip((k.replace(fused, p) for p in parts), state.pop(k).split(sizes)))
     save_file(state, str(folder / "model.safetensors"))
     return folder
 
@@ -116,6 +122,48 @@ def test_incremental_cache_equals_full_forward(tmp_path):
     assert torch.allclose(m(ids[:, 10:20]), full[:, 10:20], atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_linears_match_plain_ones(tmp_path, dtype, monkeypatch):
+    """Transformer.prepare packs every linear for oneDNN; the logits stay those of plain F.linear
+    within the dtype's rounding (bf16: an ulp or two of the logits after two layers)."""
+    folder = tiny_model(tmp_path, "qwen2")
+    packed = load(folder, dtype)
+    assert all(m.packed is not None for m in packed.modules() if isinstance(m, model.Linear))
+    monkeypatch.setattr(model.Transformer, "prepare", lambda self, int4=False: None)
+    plain = load(folder, dtype)
+    ids = torch.randint(0, 32, (1, 12), generator=torch.Generator().manual_seed(0))
+    for m in (packed, plain):
+        m.setup_cache(16)
+    a, b = packed(ids[:, :11]), plain(ids[:, :11])
+    one_a, one_b = packed(ids[:, 11:]), plain(ids[:, 11:])             # a one-token (padded) call too
+    tol = 1e-4 if dtype == torch.float32 else 2 ** -7 * 4 * float(b.abs().max())
+    assert (a - b).abs().max() <= tol and (one_a - one_b).abs().max() <= tol
+
+
+def test_int4_linear_is_the_dequantised_matmul():
+    """quantize_int4 stores W as s_g * w + m_g (w in 0..15, groups of 32 inputs). A weight that
+    already lies on such a grid (as the demo GGUFs' Q4_K weights do) is kept exactly; the int4
+    matmul then equals F.linear with it, for the few-row calls it serves; larger calls use W."""
+    g = torch.Generator().manual_seed(0)
+    levels = torch.randint(0, 16, (64, 4, 32), generator=g).float()
+    levels[..., 0], levels[..., 1] = 0, 15                             # each group spans its grid
+    W = (levels * torch.rand(64, 4, 1, generator=g) * 0.1 - torch.rand(64, 4, 1, generator=g)).view(64, 128)
+    lin = model.Linear(128, 64, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(W)
+        lin.bias.copy_(torch.randn(64, generator=g))
+    lin.quantize_int4()
+    x = torch.randn(model.INT4_MAX_ROWS, 128, generator=g)
+    assert torch.allclose(lin(x), torch.nn.functional.linear(x, W, lin.bias), atol=1e-4)
+    big = torch.randn(model.INT4_MAX_ROWS + 1, 128, generator=g)
+    assert torch.equal(lin(big), torch.nn.functional.linear(big, lin.weight, lin.bias))
+    rough = model.Linear(128, 64).requires_grad_(False)                 # an arbitrary W: within half a step
+    rough.quantize_int4()
+    err = (rough(x) - torch.nn.functional.linear(x, rough.weight, rough.bias)).abs()
+    step = (rough.weight.view(64, 4, 32).amax(-1) - rough.weight.view(64, 4, 32).amin(-1)) / 15
+    assert err.max() > 0 and (err <= x.abs().view(-1, 4, 32).sum(-1) @ step.T / 2 + 1e-5).all()
+
+
 def random_tree(n, seed):
     g = torch.Generator().manual_seed(seed)
     t = tree.Tree()
@@ -183,6 +231,18 @@ def test_greedy_chain_and_tree_equal_target_greedy(pair, prompt):
     for prune in ("random", "best"):
         assert run(target, draft, prompt, "tree", budget=tree.Budget(prune=prune, max_nodes_per_level=2),
                    tree_size="fixed", max_new_tokens=30)[0] == want
+
+
+def test_int4_draft_keeps_greedy_exact(tmp_path):
+    """An int4 draft proposes differently, but verification uses the q it produced: the
+    output is still the target's own greedy output (float32, so no bf16 near-ties)."""
+    target = load(tiny_model(tmp_path / "t", vocab=16, seed=1, scale=2.0), torch.float32)
+    folder = tiny_model(tmp_path / "d", vocab=16, seed=2, layers=1, scale=2.0)
+    draft = model.Transformer.from_dir(folder, model.Config.from_dir(folder), dtype=torch.float32, int4=True)
+    assert all(m.int4 is not None for m in draft.modules() if isinstance(m, model.Linear))
+    want, _ = run(target, None, [3, 7], "ar", max_new_tokens=30)
+    assert run(target, draft, [3, 7], "chain", k=3, max_new_tokens=30)[0] == want
+    assert run(target, draft, [3, 7], "tree", max_new_tokens=30)[0] == want
 
 
 def test_draft_equal_to_target_accepts_everything(tmp_path):

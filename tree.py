@@ -89,6 +89,9 @@ class Costs:
     def target_pass(self, n):
         return fit(self.target, n, 1.0)
 
+    def target_sizes(self):
+        return {n for n, _ in self.target}
+
 
 def fit(samples, n, default):
     """a + b * n (b >= 0) fitted to (n, seconds) samples. Until two sizes have been seen, a
@@ -131,8 +134,12 @@ class AutoSize:
                 best_m, best = m, r
         kept = sum(scores[:best_m])
         deeper = self.rate(gain + kept + kept * max(scores[:1] or [0]), drafting + self.costs.draft_pass(best_m),
-                           len(t.tokens) + 2 * best_m)
-        return best_m, deeper > best
+                           len(t.tokens) + 2 * best_m) > best
+        sizes = self.costs.target_sizes()
+        if len(sizes) < 2 and scores:    # a probe: until two sizes are timed, width's price is a guess (fit)
+            best_m = max(best_m, 1)
+            deeper = deeper or len(t.tokens) + best_m + 1 in sizes
+        return best_m, deeper
 
     def observe(self, t, accepted):
         predicted = sum(math.exp(x) for x in t.logp)
@@ -156,7 +163,7 @@ def grow(draft, tokens, settings, vocab, generator, budget: Budget, sizer: AutoS
     # so any q may rank them: greedy ranks by the plain softmax, not by its one-hot argmax
     dist = lambda logits: settings.probs(logits) if drawn or settings.temperature > 0 else sampler.probs(logits)
     new, warm = tokens[draft.length:], draft.length > 0    # the first tree's root pass holds the prompt
-    q_frontier = dist(draft(torch.tensor([new], device=draft.device))[0, -1:, :vocab])
+    q_frontier = dist(draft(torch.tensor([new], device=draft.device), last=1)[0, :, :vocab])
     prefix, frontier, t.levels = len(tokens), [-1], 1
     if sizer and warm:
         sizer.costs.add_draft(len(new), time.perf_counter() - t0)
@@ -221,9 +228,8 @@ def score(target, tokens, t: Tree):
     mask[:P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
     mask[P:, P:] = t.ancestors()
     pos = list(range(target.length, len(tokens))) + [len(tokens) - 1 + d for d in t.depths]
-    logits = target(torch.tensor([new + t.tokens], device=target.device), torch.tensor([pos], device=target.device),
-                    mask.to(target.device))
-    return logits[:, P - 1:]
+    return target(torch.tensor([new + t.tokens], device=target.device), torch.tensor([pos], device=target.device),
+                  mask.to(target.device), last=n + 1)
 
 
 def verify(t: Tree, p, generator):

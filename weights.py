@@ -105,12 +105,12 @@ def resolve(name_or_path) -> Path:
     return ensure_demo(demo)
 
 
-def load(name_or_path, device="cpu", dtype=torch.bfloat16):
+def load(name_or_path, device="cpu", dtype=torch.bfloat16, int4=False):
     """(Transformer, Tokenizer) from a HuggingFace folder or a demo name."""
     from model import Config, Transformer
     path = resolve(name_or_path)
     config = Config.from_dir(path)
-    model = Transformer.from_dir(path, config, device=device, dtype=dtype)
+    model = Transformer.from_dir(path, config, device=device, dtype=dtype, int4=int4)
     return model, Tokenizer.from_dir(path)
 
 
