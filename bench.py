@@ -7,13 +7,18 @@
    entries, then per row the p and q rows at its first rejection and the exponentials)
    over its time, against this device's measured copy bandwidth. Then the tree's contract
    (sampler.tree_sample) on 8 and 32 nodes with drawn and top-k children.
-2. End to end on a target/draft pair (default: the demo pair): autoregressive, chain
-   (K = 2, 4, auto), tree (auto, and the paper's 25/200 budgets), on code and prose prompts:
+2. Forward passes: milliseconds and effective GB/s (bytes of weights read / time, as
+   gpt-fast prints it) of one target and one draft forward (int4 and not) over 1 and 9 new
+   tokens after a 100-token cache.
+3. End to end on a target/draft pair (default: the demo pair): autoregressive, chain
+   (K = 2, 4, auto), tree (auto, with and without the int4 draft, and the paper's 25/200
+   budgets), on code and prose prompts:
    tokens/s, speedup over autoregressive, acceptance, tokens per target pass, and the time
    split; then tree auto against the fastest chain row of each prompt. Greedy rows are checked token for token against autoregressive's output; where
    one parts, the row says where and compares the target's top-2 gap there with the
    measured difference between a batched and a one-token pass.
-   --vs-hf adds transformers' generate and assisted generation on the same folders.
+   --vs-hf adds transformers' generate and assisted generation (its default dynamic K, and
+   K = 4 and 8) on the same folders, and the ratios against them.
 Writes bench_results.md and bench.png.
 """
 import argparse
@@ -26,6 +31,7 @@ from datetime import date
 
 import torch
 
+import model
 import sampler
 import specdecode as sd
 import tree
@@ -165,12 +171,60 @@ def sampler_table(impls, rows, bandwidth, device, dtype):
             f"read / bandwidth, over the fastest non-reference time.\n\n" + "\n".join(lines))
 
 
+def weight_bytes(m, tokens):
+    """Bytes of weights one forward over `tokens` new tokens reads: every linear (its int4
+    copy where model.Linear uses it), the norms, and `tokens` rows of the embedding."""
+    total = 0
+    for mod in m.modules():
+        if isinstance(mod, model.Linear):
+            int4 = mod.int4 is not None and tokens <= model.INT4_MAX_ROWS
+            total += sum(t.numel() * t.element_size() for t in mod.int4) if int4 else \
+                mod.in_features * mod.out_features * m.dtype.itemsize
+            total += mod.bias.numel() * mod.bias.element_size() if mod.bias is not None else 0
+        elif isinstance(mod, model.RMSNorm):
+            total += mod.weight.numel() * mod.weight.element_size()
+    return total + tokens * m.config.dim * m.dtype.itemsize
+
+
+def bench_forward(a, reps=15):
+    """Median ms and GB/s of one forward over 1 and 9 new tokens after a 100-token cache."""
+    dtype, rows = getattr(torch, a.dtype), []
+    models = {"target": sd.load_pair(a.target, None, a.device, dtype)[0][0],
+              "draft (int4)": sd.load_pair(a.target, a.draft, a.device, dtype, "int4")[1][0],
+              f"draft ({a.dtype})": sd.load_pair(a.target, a.draft, a.device, dtype, "none")[1][0]}
+    for name, m in models.items():
+        m.setup_cache(128)
+        m(torch.randint(0, 1000, (1, 100), device=m.device), last=1)
+        for tokens in (1, 9):
+            times = []
+            for _ in range(reps):
+                m.truncate(100)
+                x = torch.randint(0, 1000, (1, tokens), device=m.device)
+                sync(m.device)
+                t = time.perf_counter()
+                m(x, last=tokens)
+                sync(m.device)
+                times.append(time.perf_counter() - t)
+            s = statistics.median(times[2:])
+            rows.append({"model": name, "tokens": tokens, "ms": s * 1e3, "GB/s": weight_bytes(m, tokens) / s / 1e9,
+                         "bytes": weight_bytes(m, tokens)})
+            say(f"  forward {name}, {tokens} tokens: {s * 1e3:.1f} ms, {rows[-1]['GB/s']:.1f} GB/s")
+    return rows
+
+
+def forward_table(rows):
+    lines = ["| model | new tokens | weights read (GB) | ms | GB/s |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['tokens']} | {r['bytes'] / 1e9:.2f} | {r['ms']:.1f} | {r['GB/s']:.1f} |" for r in rows]
+    return "One forward after a 100-token cache (median of 13); GB/s = bytes of weights read / time.\n\n" + "\n".join(lines)
+
+
 METHODS = {
     "ar": dict(mode="ar"),
     "chain K=2": dict(mode="chain", k=2),
     "chain K=4": dict(mode="chain", k=4),
     "chain auto": dict(mode="chain", k="auto"),
     "tree auto": dict(mode="tree", tree_size="auto"),
+    "tree auto, draft not int4": dict(mode="tree", tree_size="auto", draft_quant="none"),
     "tree 25/200 (paper)": dict(mode="tree", tree_size="fixed", budget=tree.Budget(max_nodes_per_level=25, max_total_nodes=200)),
 }
 
@@ -179,14 +233,17 @@ def bench_e2e(a):
     dtype = getattr(torch, a.dtype)
     rows, max_new = [], a.tokens or (128 if a.full else 64)
     temps = (0.0, 0.7) if a.full else (0.0,)
-    target, draft = sd.load_pair(a.target, a.draft, a.device, dtype)
+    drafts = {q: sd.load_pair(a.target, a.draft, a.device, dtype, q)[1] for q in ("int4", "none")}
+    target = sd.load_pair(a.target, None, a.device, dtype)[0]
     for prompt_name, prompt in PROMPTS.items():
         ids = target[1].encode(target[1].chat(prompt))
         for temperature in temps:
             ar_out = None
             for method, kw in METHODS.items():
+                kw = dict(kw)
+                draft = drafts[kw.pop("draft_quant", "int4")] if kw["mode"] != "ar" else None
                 opts = sd.Options(max_new_tokens=max_new, settings=sd.Settings(temperature=temperature), **kw)
-                out, stats = sd.generate(ids, target, draft if kw["mode"] != "ar" else None, opts)
+                out, stats = sd.generate(ids, target, draft, opts)
                 ar_out = out if method == "ar" else ar_out
                 same = (out == ar_out) if temperature == 0 else None
                 if same is False:
@@ -217,26 +274,39 @@ def parting(target, ids, ar_out, out):
     return f"parts at {i}: top-2 gap {gap:.3f}, batched/one-token diff {diff:.3f}: {verdict}"
 
 
+HF_ASSISTED = {"transformers assisted (default K)": {},      # 20 tokens, stopping below confidence 0.4
+               "transformers assisted K=4": {"num_assistant_tokens": 4},
+               "transformers assisted K=8": {"num_assistant_tokens": 8}}
+
+
 def bench_hf(a, prompt_name, ids, temperature, max_new, ar_out):
-    """transformers' generate and assisted generation on the same folders (extra rows)."""
+    """transformers' generate and assisted generation on the same folders (extra rows); a
+    fixed K is set on the assistant's generation config with the confidence stop off."""
+    import copy
     import transformers
     dtype = getattr(torch, a.dtype)
     if "hf" not in _hf:
         _hf["hf"] = [transformers.AutoModelForCausalLM.from_pretrained(str(weights.resolve(n)), dtype=dtype).eval()
                      for n in (a.target, a.draft)]
     tgt, drf = _hf["hf"]
-    x = torch.tensor([ids])
-    rows = []
-    for method, extra in (("transformers generate", {}), ("transformers assisted", {"assistant_model": drf})):
-        kw = dict(max_new_tokens=max_new, do_sample=temperature > 0, **extra)
+    x, rows, defaults = torch.tensor([ids]), [], copy.deepcopy(drf.generation_config)
+    for method, assist in {"transformers generate": None, **HF_ASSISTED}.items():
+        kw = dict(max_new_tokens=max_new, do_sample=temperature > 0)
         if temperature > 0:
             kw["temperature"] = temperature
+        if assist is not None:
+            kw["assistant_model"] = drf
+            drf.generation_config = copy.deepcopy(defaults)
+            if assist:
+                drf.generation_config.update(num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0,
+                                             **assist)
         t = time.perf_counter()
         out = tgt.generate(x, **kw)[0, len(ids):].tolist()
         seconds = time.perf_counter() - t
         stats = sd.Stats(mode="hf", prompt_tokens=len(ids), new_tokens=len(out), seconds=seconds)
         rows.append({"prompt": prompt_name, "T": temperature, "method": method, "stats": stats, "same": None})
         say(f"  {prompt_name} T={temperature} {method}: {stats.tokens_per_second:.2f} tok/s")
+    drf.generation_config = defaults
     return rows
 
 
@@ -283,6 +353,33 @@ def tree_vs_chain(rows):
     return statistics.median(speed), statistics.median(per_pass)
 
 
+def versus(rows, ours, theirs, prompts):
+    """Median over `prompts` of the `ours` row's tokens/s over the fastest of the `theirs` rows."""
+    ratios = []
+    for p in prompts:
+        same = [r for r in rows if r["prompt"] == p and r["T"] == 0]
+        mine = next(r for r in same if r["method"] == ours)["stats"].tokens_per_second
+        ratios.append(mine / max(r["stats"].tokens_per_second for r in same if r["method"] in theirs))
+    return statistics.median(ratios)
+
+
+def summary(rows):
+    """The ratios the project is judged by, each from this run's rows."""
+    code = [p for p in PROMPTS if p.startswith("code")]
+    lines = ["Median speedup over autoregressive: " + ", ".join(f"{m} {v:.2f}x" for m, v in median_speedups(rows).items()),
+             "", "Tree auto over the fastest chain row of each prompt (median): {:.2f}x tokens/s, "
+             "{:.2f}x tokens per target pass.".format(*tree_vs_chain(rows)),
+             "", f"Prose: tree auto {versus(rows, 'tree auto', ['ar'], ['prose']):.2f}x ar, "
+             f"chain auto {versus(rows, 'chain auto', ['ar'], ['prose']):.2f}x ar."]
+    if any(r["method"].startswith("transformers") for r in rows):
+        lines += ["", "Against transformers, medians over the code prompts: "
+                  f"ar {versus(rows, 'ar', ['transformers generate'], code):.2f}x transformers' generate; "
+                  f"tree auto {versus(rows, 'tree auto', HF_ASSISTED, code):.2f}x transformers' assisted "
+                  f"generation at its best K (of {', '.join(k.split()[-1] for k in HF_ASSISTED)}); "
+                  f"chain auto {versus(rows, 'chain auto', HF_ASSISTED, code):.2f}x."]
+    return "\n".join(lines)
+
+
 def plot(path, sampler_rows, impls, e2e_rows):
     import matplotlib
     matplotlib.use("Agg")
@@ -324,7 +421,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true", help="longer runs: 128 tokens, sampled rows too, more repeats")
     p.add_argument("--tokens", type=int, help="new tokens per end-to-end run (default 64, 128 with --full)")
-    p.add_argument("--only", choices=("sampler", "e2e"))
+    p.add_argument("--only", choices=("sampler", "forward", "e2e"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--target", default=weights.DEMO_TARGET)
@@ -346,17 +443,17 @@ def main():
         tree_rows = bench_tree_sampler(a.device, getattr(torch, a.dtype), impls)
         md += ["## Rejection sampler\n", sampler_table(impls, sampler_rows, bandwidth, a.device, a.dtype), "",
                tree_sampler_table(impls, tree_rows), ""]
+    if a.only in (None, "forward", "e2e"):
+        say("forward passes ...")
+        md += ["## Forward passes\n", forward_table(bench_forward(a)), ""]
     if a.only in (None, "e2e"):
         say(f"end to end: {a.target} with draft {a.draft} ...")
         e2e_rows = bench_e2e(a)
-        speed = median_speedups(e2e_rows)
-        md += [f"## End to end: {a.target} with draft {a.draft}\n", e2e_table(e2e_rows), "",
-               "Median speedup over autoregressive: " + ", ".join(f"{m} {v:.2f}x" for m, v in speed.items()), "",
-               "Tree auto over the fastest chain row of each prompt (median): {:.2f}x tokens/s, "
-               "{:.2f}x tokens per target pass.".format(*tree_vs_chain(e2e_rows)), ""]
+        md += [f"## End to end: {a.target} with draft {a.draft}\n", e2e_table(e2e_rows), "", summary(e2e_rows), ""]
     text = "\n".join(md)
     open("bench_results.md", "w").write(text)
-    plot("bench.png", sampler_rows, impls, e2e_rows)
+    if sampler_rows or e2e_rows:
+        plot("bench.png", sampler_rows, impls, e2e_rows)
     print(text)
     if a.json:
         clean = [{k: (v.__dict__ if isinstance(v, sd.Stats) else v) for k, v in r.items()} for r in e2e_rows]

@@ -47,8 +47,9 @@ def say_once(msg):
         print(f"[specdecode] {msg}", file=sys.stderr)
 
 
-PAD = True
-INT4_GROUP = 32        # inputs per scale: Q4_K's sub-block, so the demo GGUFs' 4-bit weights requantise losslessly
+PAD_ROWS = {torch.bfloat16: 4}   # measured on Zen 4: oneDNN reads packed bf16 weights ~25% faster for
+                                  # 4 rows than for 1-3 (float32 is slower padded)
+INT4_GROUP = 32        # inputs per scale: Q4_K's sub-block, which the demo GGUFs' 4-bit tensors fit nearly exactly
 INT4_MAX_ROWS = 4      # measured on Zen 4 (bench.py's forward table): int4 beats packed bf16 up to 4 tokens
 
 
@@ -80,18 +81,19 @@ class Linear(nn.Linear):
         del self.weight
 
     def forward(self, x):
-        rows = x.numel() // x.shape[-1]
+        shape, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        rows = len(x)
         if self.int4 is not None and rows <= INT4_MAX_ROWS:
-            y = torch._weight_int4pack_mm_for_cpu(x.reshape(rows, -1), self.int4[0], INT4_GROUP, self.int4[1])
-            y = y.view(*x.shape[:-1], -1)
-            return y if self.bias is None else y + self.bias
-        if self.packed is not None:
-            if PAD and rows < 4:
-                x2 = torch.cat((x.reshape(rows, -1), x.new_zeros(4 - rows, x.shape[-1])))
-                y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
-                return y[:rows].view(*x.shape[:-1], -1)
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+            y = torch._weight_int4pack_mm_for_cpu(x, self.int4[0], INT4_GROUP, self.int4[1])
+            y = y if self.bias is None else y + self.bias
+        elif self.packed is not None:
+            pad = PAD_ROWS.get(x.dtype, 0) - rows
+            if pad > 0:                                  # zero rows: no more weight bytes, a faster kernel
+                x = torch.cat((x, x.new_zeros(pad, x.shape[-1])))
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")[:rows]
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y.view(*shape, -1)
 
 
 @dataclass
@@ -166,15 +168,23 @@ def apply_rope(x, cos, sin):
 FEW_QUERIES = 8     # measured on a 2-core CPU: up to here grouped_attention beats SDPA's flash kernel (4-10x at 1 token)
 
 
-def grouped_attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(d), masked) v, in float32 at least, for a few queries: q [B, H, T, d],
-    k and v [B, KV, S, d]. The G = H / KV query heads that share a key/value head are stacked
-    as G*T rows of one matmul, so the cache is read once and never repeated per head."""
+def group_bias(mask, G, dtype):
+    """The bool mask [T, S] as grouped_attention's additive bias [G*T, S]: 0 where a query may
+    attend, -inf elsewhere, repeated for the G query heads of a group. Made once per forward."""
+    f = torch.promote_types(dtype, torch.float32)
+    return torch.zeros(mask.shape, dtype=f, device=mask.device).masked_fill_(~mask, float("-inf")).repeat(G, 1)
+
+
+def grouped_attention(q, k, v, bias):
+    """softmax(q k^T / sqrt(d) + bias) v, in float32 at least, for a few queries: q [B, H, T, d],
+    k and v [B, KV, S, d], bias from group_bias. The G = H / KV query heads that share a key/value
+    head are stacked as G*T rows of one matmul, so the cache is read once, never repeated per head."""
     B, H, T, d = q.shape
-    G, f = H // k.shape[1], torch.promote_types(q.dtype, torch.float32)
-    scores = q.reshape(B, -1, G * T, d).to(f) @ k.to(f).transpose(-1, -2) / math.sqrt(d)
-    scores = scores.masked_fill(~mask.repeat(G, 1), float("-inf"))
-    return (scores.softmax(-1) @ v.to(f)).to(q.dtype).reshape(B, H, T, d)
+    KV, S = k.shape[1], k.shape[2]
+    f = bias.dtype
+    scores = torch.baddbmm(bias, q.reshape(B * KV, -1, d).to(f), k.reshape(B * KV, S, d).to(f).transpose(1, 2),
+                           alpha=d ** -0.5)
+    return (scores.softmax(-1) @ v.reshape(B * KV, S, d).to(f)).to(q.dtype).reshape(B, H, T, d)
 
 
 class RMSNorm(nn.Module):
@@ -208,7 +218,7 @@ class Attention(nn.Module):
         self.k_cache[:B, :, start:start + T] = k
         self.v_cache[:B, :, start:start + T] = v
         k, v = self.k_cache[:B, :, :start + T], self.v_cache[:B, :, :start + T]
-        if T <= FEW_QUERIES:
+        if T <= FEW_QUERIES:                         # mask: group_bias made it
             y = grouped_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
@@ -358,6 +368,8 @@ class Transformer(nn.Module):
             attn_mask = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
         mask = attn_mask if attn_mask.shape[-1] == start + T else \
             torch.cat((torch.ones(T, start, dtype=torch.bool, device=tokens.device), attn_mask), dim=1)
+        if T <= FEW_QUERIES:
+            mask = group_bias(mask, self.config.n_heads // self.config.n_kv_heads, self.dtype)
         cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:

@@ -60,11 +60,18 @@ def draw(p, e):
     return (p / e).argmax(-1)
 
 
-def random_inputs(B, K, V, generator=None, device="cpu"):
+def exponentials(*shape, generator=None, device="cpu", one_hot=False):
+    """E ~ Exp(1) for exponential races (draw). A race over a one-hot p (greedy decoding) is
+    won by the hot token whatever E is, so with one_hot E = 1 and nothing random is drawn."""
+    if one_hot:
+        return torch.ones(shape, device=device)
+    return torch.empty(shape, device=device).exponential_(generator=generator)
+
+
+def random_inputs(B, K, V, generator=None, device="cpu", one_hot=False):
     """The uniforms u [B, K] and exponentials e [B, V] that one rejection_sample call consumes."""
     u = torch.rand(B, K, generator=generator, device=device)
-    e = torch.empty(B, V, device=device).exponential_(generator=generator)
-    return u, e
+    return u, exponentials(B, V, generator=generator, device=device, one_hot=one_hot)
 
 
 def check_inputs(p, q, draft, u, e):

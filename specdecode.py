@@ -149,8 +149,8 @@ def decode_ar(target, draft, tokens, opts, stats):
 
 
 def exponentials(opts):
-    """E ~ Exp(1) over the vocabulary: one exponential race (sampler.draw)."""
-    return torch.empty(opts.vocab, device=opts.device).exponential_(generator=opts.generator)
+    """E ~ Exp(1) over the vocabulary: one exponential race (sampler.draw); ones when greedy."""
+    return sampler.exponentials(opts.vocab, generator=opts.generator, device=opts.device, one_hot=opts.greedy)
 
 
 def decode_chain(target, draft, tokens, opts, stats):
@@ -172,7 +172,7 @@ def decode_chain(target, draft, tokens, opts, stats):
             costs.add_target(k + 1, timer.seconds)
         with Timer(stats, "t_sample", target.device):
             p = opts.settings.probs(logits)
-            u, e = sampler.random_inputs(1, k, opts.vocab, opts.generator, opts.device)
+            u, e = sampler.random_inputs(1, k, opts.vocab, opts.generator, opts.device, one_hot=opts.greedy)
             out, n = sampler.rejection_sample(p, torch.stack(qs)[None], torch.tensor([drafts], device=opts.device), u, e)
             n = int(n)
             new = out[0, :n + 1].tolist()
@@ -202,7 +202,7 @@ def decode_tree(target, draft, tokens, opts, stats):
         if sizer and warm:
             sizer.costs.add_target(len(t.tokens) + 1, timer.seconds)
         with Timer(stats, "t_sample", target.device):
-            path, new = tree.verify(t, opts.settings.probs(logits), opts.generator)
+            path, new = tree.verify(t, opts.settings.probs(logits), opts.generator, one_hot=opts.greedy)
         tree.compact(target, draft, start, t, path)
         if sizer:
             sizer.observe(t, len(path))
@@ -233,6 +233,10 @@ class Options:
     vocab: int = 0                          # set by generate: the shared tokenizer's size
     device: object = "cpu"
     generator: object = None
+
+    @property
+    def greedy(self):
+        return self.settings.temperature == 0
 
 
 def check_pair(target, draft):

@@ -232,12 +232,13 @@ def score(target, tokens, t: Tree):
                   mask.to(target.device), last=n + 1)
 
 
-def verify(t: Tree, p, generator):
+def verify(t: Tree, p, generator, one_hot=False):
     """Walk the tree with multi-round rejection sampling (sampler.tree_sample, one node at a
     time): (accepted kept nodes, next token). p [1 + N, V]: target probabilities at the root
-    and at each node. One exponential race per step: only the node that ends it draws."""
+    and at each node (one_hot: greedy). One exponential race per step: only the node that
+    ends it draws."""
     node, path = -1, []
-    e = torch.empty(p.shape[-1], device=p.device).exponential_(generator=generator)
+    e = sampler.exponentials(p.shape[-1], generator=generator, device=p.device, one_hot=one_hot)
     while True:
         cands = t.candidates.get(node, [])
         tokens = torch.tensor([[c[0] for c in cands] or [-1]], device=p.device)
