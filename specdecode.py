@@ -126,14 +126,18 @@ def best_k(history, costs, k_max=12):
     accepted all K is extended past K as if each further draft were accepted with the
     per-position rate alpha seen so far. Acceptance comes in runs (boilerplate code), which
     this keeps and a single i.i.d. rate would lose. Cost: k draft steps plus one target pass
-    over k + 1 tokens, as measured."""
+    over k + 1 tokens, as measured; until the target has been timed at two sizes, a K of an
+    untimed size is taken, so that the price of K is measured, not guessed."""
     accepted = sum(n for _, n in history)
     alpha = min(accepted / max(1, accepted + sum(n < K for K, n in history)), 0.99)
 
     def tokens(k):
         return sum(1 + min(n, k) if n < K or k <= K else 1 + K + alpha * (1 - alpha ** (k - K)) / (1 - alpha)
                    for K, n in history) / len(history)
-    return max(range(1, k_max + 1), key=lambda k: tokens(k) / (k * costs.draft_pass(1) + costs.target_pass(k + 1)))
+    ks, sizes = range(1, k_max + 1), costs.target_sizes()
+    if len(sizes) < 2:      # a probe: until two sizes of target pass are timed, the price of K is a guess
+        ks = [k for k in ks if k + 1 not in sizes]
+    return max(ks, key=lambda k: tokens(k) / (k * costs.draft_pass(1) + costs.target_pass(k + 1)))
 
 
 def decode_ar(target, draft, tokens, opts, stats):
