@@ -127,6 +127,15 @@ class Config:
             c = json.loads((path / "config.json").read_text())
         except ValueError as e:
             raise ModelError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+        if not isinstance(c, dict):
+            raise ModelError(f"{path / 'config.json'} is not a JSON object")
+        try:
+            return cls.read(c, path)
+        except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+            raise ModelError(f"{path / 'config.json'} lacks or mis-states a field: {type(e).__name__} {e}") from None
+
+    @classmethod
+    def read(cls, c, path):
         arch = (c.get("architectures") or ["(none)"])[0]
         if arch not in ARCHITECTURES:
             raise ModelError(f"unsupported architecture {arch} in {path} (supported: {', '.join(ARCHITECTURES)})")
@@ -134,7 +143,7 @@ class Config:
         if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
             raise ModelError(f"unsupported rope_scaling {scaling} (supported: llama3)")
         n_heads = c["num_attention_heads"]
-        return cls(
+        config = cls(
             arch=arch, vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
             n_heads=n_heads, n_kv_heads=c.get("num_key_value_heads", n_heads),
             head_dim=c.get("head_dim") or c["hidden_size"] // n_heads, hidden_dim=c["intermediate_size"],
@@ -143,6 +152,11 @@ class Config:
             max_seq_len=c.get("max_position_embeddings", 4096), tie_embeddings=c.get("tie_word_embeddings", False),
             qkv_bias=arch == "Qwen2ForCausalLM",
             qk_norm=arch == "Qwen3ForCausalLM")
+        sizes = (config.vocab_size, config.dim, config.n_layers, config.n_heads, config.n_kv_heads, config.head_dim,
+                 config.hidden_dim, config.max_seq_len)
+        if not all(isinstance(v, int) and v > 0 for v in sizes) or config.n_heads % config.n_kv_heads:
+            raise ModelError(f"{path / 'config.json'}: its sizes do not make a model ({sizes})")
+        return config
 
 
 def rope_frequencies(config: Config):
@@ -306,6 +320,11 @@ class Transformer(nn.Module):
         missing = [k for k in model.state_dict() if state.get(k) is None]
         if missing:
             raise ModelError(f"weights in {path} lack {len(missing)} tensors, e.g. {missing[0]}")
+        wrong = [(k, v.shape) for k, v in model.state_dict().items() if state[k].shape != v.shape]
+        if wrong:
+            k, shape = wrong[0]
+            raise ModelError(f"weights in {path} do not fit its config.json: {k} is {tuple(state[k].shape)}, "
+                             f"the config implies {tuple(shape)}")
         model.load_state_dict({k: state[k] for k in model.state_dict()}, assign=True)
         model.prepare(int4)
         return model.eval()

