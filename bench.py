@@ -422,6 +422,17 @@ def plot(path, sampler_rows, impls, e2e_rows):
     fig.savefig(path, dpi=110)
 
 
+def cpu_name():
+    """The CPU's model name (lscpu's) and its bf16 units: ratios compare only within one kind."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), platform.machine())
+    units = [f for f in ("amx_bf16", "avx512_bf16") if f" {f}" in info]
+    return name + (f" ({', '.join(units)})" if units else "")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true", help="longer runs: 128 tokens, sampled rows too, more repeats")
@@ -439,7 +450,7 @@ def main():
             import transformers  # noqa: F401
         except ImportError:
             p.error("--vs-hf needs transformers (pip install -r requirements-test.txt)")
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     md = [f"# specdecode benchmark\n\nMeasured {date.today()} on {a.device} ({machine}), {a.dtype}.\n"]
     sampler_rows, impls, e2e_rows = [], [], []
     if a.only in (None, "sampler"):
