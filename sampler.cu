@@ -99,7 +99,10 @@ __global__ void rejection_kernel(const T* __restrict__ p, const T* __restrict__ 
 
   Best best{-1.0f, -1.0f, 0, 0, false};
   constexpr int N = Vec<T>::N;
-  const bool aligned = V % N == 0;   // rows then start on 16-byte boundaries
+  // rows start on 16-byte boundaries when V is a multiple of N and the tensors do (a view
+  // with a storage offset may not)
+  const bool aligned = V % N == 0 && (reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(q) |
+                                      reinterpret_cast<uintptr_t>(e)) % 16 == 0;
   if (aligned) {
     for (int base = tid * N; base < V; base += THREADS * N) {
       T pv[N], qv[N];

@@ -270,9 +270,10 @@ def tree_vectorised(p, q, candidates, u, e):
             nxt[torch.arange(len(o), device=p.device), x] = 0.0
         left = nxt.amax(-1) > 0                           # (r >= 0: cheaper than any(nxt > 0))
         r[o[left]] = nxt[left]
-    token = candidates[torch.arange(R, device=p.device), choice.clamp(min=0)]
     rejected = choice < 0
-    token[rejected] = draw(r[rejected], e)
+    token = torch.empty(R, dtype=torch.long, device=p.device)
+    token[~rejected] = candidates[~rejected, choice[~rejected]]
+    token[rejected] = draw(r[rejected], e)                  # (every row when there are no candidates, m = 0)
     return choice, token
 
 

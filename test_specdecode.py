@@ -375,6 +375,13 @@ def test_tree_sampler_implementations_agree():
                             assert torch.equal(choice, outs[0][0]) and torch.equal(token, outs[0][1])
                         cases += 1
     assert cases == 288
+    p = torch.softmax(torch.randn(3, 50, generator=g), -1)             # no candidates at all (m = 0): a draw from p
+    e = torch.empty(50).exponential_(generator=g)
+    for i in impls:
+        device = "cuda" if i == "cuda" else "cpu"
+        choice, token = sampler.TREE_IMPLEMENTATIONS[i](p.to(device), None, torch.empty(3, 0, dtype=torch.long,
+                                                        device=device), torch.empty(3, 0, device=device), e.to(device))
+        assert (choice.cpu() == -1).all() and torch.equal(token.cpu(), sampler.draw(p, e))
 
 
 def test_greedy_sampler_accepts_iff_argmax():
