@@ -36,6 +36,7 @@ import torch
 import sampler
 
 
+
 @dataclass
 class Budget:
     max_depth: int = 8
@@ -121,9 +122,13 @@ class AutoSize:
         widths = [t.depths.count(d) for d in range(1, t.levels)]
         return self.costs.draft_pass(1) + sum(self.costs.draft_pass(w) for w in widths)
 
-    def keep(self, scores, t):
-        """How many of the level's candidates (probabilities exp(logp), best first) to keep,
-        and whether a further level is expected to pay for its draft forward over them."""
+    def keep(self, scores, q, t):
+        """How many of the level's candidates (probabilities exp(logp), best first; q: the
+        draft's probability of each given its parent) to keep, and whether a further level is
+        expected to pay for its draft forward over them. That level is priced as one more draft
+        pass and two children per kept node, and expected to be accepted as often as the best
+        candidate here was proposed: q of it, not its cumulative probability (which shrinks
+        with depth and, used here before, stopped most code trees at depth 1)."""
         gain, drafting = sum(math.exp(x) for x in t.logp), self.drafting(t)
         best_m, best = 0, self.rate(gain, drafting, len(t.tokens))
         g = gain
@@ -133,7 +138,7 @@ class AutoSize:
             if r > best:
                 best_m, best = m, r
         kept = sum(scores[:best_m])
-        deeper = self.rate(gain + kept + kept * max(scores[:1] or [0]), drafting + self.costs.draft_pass(best_m),
+        deeper = self.rate(gain + kept + kept * (q[0] if q else 0), drafting + self.costs.draft_pass(best_m),
                            len(t.tokens) + 2 * best_m) > best
         sizes = self.costs.target_sizes()
         if len(sizes) < 2 and scores:    # a probe: until two sizes are timed, width's price is a guess (fit)
@@ -189,7 +194,7 @@ def grow(draft, tokens, settings, vocab, generator, budget: Budget, sizer: AutoS
         deeper = True
         if sizer:
             chosen = sorted(chosen, key=lambda fc: -fc[1][3])
-            m, deeper = sizer.keep([math.exp(c[3]) for _, c in chosen], t)
+            m, deeper = sizer.keep([math.exp(c[3]) for _, c in chosen], [c[2] for _, c in chosen], t)
             chosen = chosen[:m]
         first = len(t.tokens)
         for f, c in chosen:
