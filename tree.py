@@ -36,7 +36,6 @@ import torch
 import sampler
 
 
-
 @dataclass
 class Budget:
     max_depth: int = 8
@@ -127,8 +126,8 @@ class AutoSize:
         draft's probability of each given its parent) to keep, and whether a further level is
         expected to pay for its draft forward over them. That level is priced as one more draft
         pass and two children per kept node, and expected to be accepted as often as the best
-        candidate here was proposed: q of it, not its cumulative probability (which shrinks
-        with depth and, used here before, stopped most code trees at depth 1)."""
+        candidate here was proposed: its q, not its cumulative probability, which shrinks with
+        depth and would stop a confident draft's tree after a level or two."""
         gain, drafting = sum(math.exp(x) for x in t.logp), self.drafting(t)
         best_m, best = 0, self.rate(gain, drafting, len(t.tokens))
         g = gain
