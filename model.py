@@ -34,7 +34,13 @@ import torch.nn.functional as F
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
-class ModelError(Exception):
+class SpecdecodeError(Exception):
+    """The base of every error specdecode raises on purpose, one subclass per module (ModelError,
+    WeightsError, SamplerError, specdecode.SpecError): catch this one. It lives here because
+    model.py imports no other file of the project, so every file can import it."""
+
+
+class ModelError(SpecdecodeError):
     """A folder that does not hold a model this file can run."""
 
 

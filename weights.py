@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 
+from model import SpecdecodeError
 
-class WeightsError(Exception):
+
+class WeightsError(SpecdecodeError):
     """A problem with the weights the user asked for; specdecode.py prints it as one line."""
 
 
