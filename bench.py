@@ -14,9 +14,11 @@
    (K = 2, 4, auto), tree (auto, with and without the int4 draft, and the paper's 25/200
    budgets), on code and prose prompts:
    tokens/s, speedup over autoregressive, acceptance, tokens per target pass, and the time
-   split; then tree auto against the fastest chain row of each prompt. Greedy rows are checked token for token against autoregressive's output; where
-   one parts, the row says where and compares the target's top-2 gap there with the
-   measured difference between a batched and a one-token pass.
+   split; then tree auto against the fastest chain row of each prompt. --full adds sampled
+   rows (T = 0.7 and 1.0, seed 1) and rejection sampling's rows beside coupled verification's.
+   Every row that must equal autoregressive's output (all but rejection's) is checked token
+   for token; where one parts, the row says where and compares the top-2 gap of the target's
+   race there with the measured difference between a batched and a one-token pass.
    --vs-hf adds transformers' generate and assisted generation (its default dynamic K, and
    K = 4 and 8) on the same folders, and the ratios against them.
 Writes bench_results.md and bench.png.
@@ -231,13 +233,15 @@ METHODS = {
     "tree auto": dict(mode="tree", tree_size="auto"),
     "tree auto, draft not int4": dict(mode="tree", tree_size="auto", draft_quant="none"),
     "tree 25/200 (paper)": dict(mode="tree", tree_size="fixed", budget=tree.Budget(max_nodes_per_level=25, max_total_nodes=200)),
+    "chain K=4, rejection": dict(mode="chain", k=4, verify="rejection"),      # sampled rows only: greedy
+    "tree auto, rejection": dict(mode="tree", tree_size="auto", verify="rejection"),   # is the same either way
 }
 
 
 def bench_e2e(a):
     dtype = getattr(torch, a.dtype)
     rows, max_new = [], a.tokens or (128 if a.full else 64)
-    temps = (0.0, 0.7) if a.full else (0.0,)
+    temps = (0.0, 0.7, 1.0) if a.full else (0.0,)
     drafts = {q: sd.load_pair(a.target, a.draft, a.device, dtype, q)[1] for q in ("int4", "none")}
     target = sd.load_pair(a.target, None, a.device, dtype)[0]
     for prompt_name, prompt in PROMPTS.items():
@@ -245,14 +249,16 @@ def bench_e2e(a):
         for temperature in temps:
             ar_out = None
             for method, kw in METHODS.items():
+                if temperature == 0 and kw.get("verify") == "rejection":
+                    continue
                 kw = dict(kw)
                 draft = drafts[kw.pop("draft_quant", "int4")] if kw["mode"] != "ar" else None
-                opts = sd.Options(max_new_tokens=max_new, settings=sd.Settings(temperature=temperature), **kw)
+                opts = sd.Options(max_new_tokens=max_new, settings=sd.Settings(temperature=temperature, seed=1), **kw)
                 out, stats = sd.generate(ids, target, draft, opts)
                 ar_out = out if method == "ar" else ar_out
-                same = (out == ar_out) if temperature == 0 else None
+                same = (out == ar_out) if kw.get("verify", "coupled") == "coupled" else None
                 if same is False:
-                    same = parting(target[0], ids, ar_out, out)
+                    same = parting(target[0], ids, ar_out, out, opts)
                 rows.append({"prompt": prompt_name, "T": temperature, "method": method, "stats": stats, "same": same})
                 say(f"  {prompt_name} T={temperature} {method}: {stats.tokens_per_second:.2f} tok/s, "
                     f"{stats.tokens_per_pass:.2f} tok/pass")
@@ -261,21 +267,25 @@ def bench_e2e(a):
     return rows
 
 
-def parting(target, ids, ar_out, out):
-    """Where a greedy speculative output first differs from autoregressive's, and why: the
-    target's top-2 logit gap there (from the one-token pass autoregressive decoding made)
-    against how far the batched pass (as verification runs it) and the one-token pass differ:
-    the two can disagree on the argmax only if the gap is at most twice that difference."""
+def parting(target, ids, ar_out, out, opts):
+    """Where a speculative output that should equal autoregressive's (greedy, or coupled
+    verification) first differs from it, and why: the gap between the top two of the race
+    there, logits / T - log E_t (the logits when greedy), from the one-token pass
+    autoregressive decoding made, against how far the batched pass (as verification runs it)
+    and the one-token pass differ: the two can disagree on the winner only if the gap is at
+    most twice that difference."""
     i = next(j for j, (x, y) in enumerate(zip(ar_out, out + [-1] * len(ar_out))) if x != y)
     prefix = ids + ar_out[:i]
     target.setup_cache(len(prefix))
-    batched = target(torch.tensor([prefix]), last=1)[0, -1]
+    batched = target(torch.tensor([prefix]), last=1)[0, -1, :opts.vocab].float()
     target.setup_cache(len(prefix))
     target(torch.tensor([prefix[:-1]]))
-    one = target(torch.tensor([prefix[-1:]]))[0, -1]
-    top2 = one.topk(2).values
-    gap, diff = float(top2[0] - top2[1]), float((batched - one).abs().max())
-    verdict = "near-tie" if gap <= 2 * diff else "NOT a near-tie: a bug"   # each of the two logits may move by diff
+    one = target(torch.tensor([prefix[-1:]]))[0, -1, :opts.vocab].float()
+    T = opts.settings.temperature or 1.0
+    race = one / T - opts.races.at(len(prefix))[0].log()
+    top2 = race.topk(2).values
+    gap, diff = float(top2[0] - top2[1]), float((batched - one).abs().max()) / T
+    verdict = "near-tie" if gap <= 2 * diff else "NOT a near-tie: a bug"   # each of the two may move by diff
     return f"parts at {i}: top-2 gap {gap:.3f}, batched/one-token diff {diff:.3f}: {verdict}"
 
 
@@ -376,6 +386,15 @@ def summary(rows):
              "{:.2f}x tokens per target pass.".format(*tree_vs_chain(rows)),
              "", f"Prose: tree auto {versus(rows, 'tree auto', ['ar'], ['prose']):.2f}x ar, "
              f"chain auto {versus(rows, 'chain auto', ['ar'], ['prose']):.2f}x ar."]
+    for T in sorted({r["T"] for r in rows if r["method"].endswith("rejection")}):
+        ratio = lambda m, f: statistics.median(
+            f(next(r for r in rows if r["prompt"] == p and r["T"] == T and r["method"] == m)["stats"])
+            / f(next(r for r in rows if r["prompt"] == p and r["T"] == T and r["method"] == m + ", rejection")["stats"])
+            for p in PROMPTS)
+        lines += ["", f"T={T:g}, coupled verification over rejection sampling (median over prompts): "
+                  f"chain K=4 {ratio('chain K=4', lambda s: s.tokens_per_pass):.2f}x tokens per pass, "
+                  f"tree auto {ratio('tree auto', lambda s: s.tokens_per_pass):.2f}x tokens per pass and "
+                  f"{ratio('tree auto', lambda s: s.tokens_per_second):.2f}x tokens/s."]
     if any(r["method"].startswith("transformers") for r in rows):
         lines += ["", "Against transformers, medians over the code prompts: "
                   f"ar {versus(rows, 'ar', ['transformers generate'], code):.2f}x transformers' generate; "

@@ -16,6 +16,16 @@ seed report did, is not a sample: it changes the output distribution.)
 Greedy decoding is the one-hot special case: with p and q one-hot on the argmaxes, x_i is
 accepted iff it equals the target's argmax, and the residual is the target's argmax.
 
+Coupled verification (drafter-invariant speculative decoding; Daliri, Musco and Suresh 2024,
+"Coupling without communication"). Output position t has its own exponentials E_t, drawn
+from (seed, t) alone (`Races`). The target's token there is argmax_v p_t(v) / E_t(v), an
+exact sample from p_t; the draft proposes with the same race on its q_t. A proposal is
+accepted iff it equals the target's race winner, and otherwise the winner is emitted. The
+output is then token for token what plain decoding samples with the same seed, whatever the
+draft proposed: a run reproduces even when wall-clock time sizes its trees. It accepts a
+proposal with probability at least (1 - TV) / (1 + TV) (TV = the total variation between
+p_t and q_t), against exactly 1 - TV for rejection sampling.
+
 One contract, three implementations that return the same tokens for the same inputs:
   p [B, K+1, V] target probs, q [B, K, V] draft probs, draft [B, K] int64,
   u [B, K] float32 uniforms, e [B, V] float32 exponentials (one race per row)
@@ -29,8 +39,10 @@ from pathlib import Path
 
 import torch
 
+from model import SpecdecodeError
 
-class SamplerError(ValueError):
+
+class SamplerError(SpecdecodeError):
     """Inputs the sampler refuses: NaN or negative probabilities, bad shapes or token ids."""
 
 
@@ -65,7 +77,56 @@ def exponentials(*shape, generator=None, device="cpu", one_hot=False):
     won by the hot token whatever E is, so with one_hot E = 1 and nothing random is drawn."""
     if one_hot:
         return torch.ones(shape, device=device)
-    return torch.empty(shape, device=device).exponential_(generator=generator)
+    u = torch.rand(shape, generator=generator, device=device)    # E = -log(1 - U): 5x cheaper than exponential_
+    return u.neg_().log1p_().neg_().clamp_min_(1e-30)            # (E = 0 would make 0 / E a NaN)
+
+
+MASK64 = (1 << 64) - 1
+
+
+def race_seed(seed, t):
+    """A 63-bit generator seed for output position t of a run seeded `seed`: splitmix64's
+    mixing of seed and t, so that neighbouring (seed, t) pairs give unrelated streams."""
+    x = (seed + (t + 1) * 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
+class Races:
+    """E_t ~ Exp(1)^V for output positions t, each a function of (seed, t) alone, so that
+    every way of decoding a sequence races position t with the same E_t (ones when greedy).
+    The latest 32 positions are kept: a tree or a chain asks for the same ones several times."""
+
+    def __init__(self, seed, vocab, device="cpu", one_hot=False):
+        self.seed, self.vocab, self.device, self.one_hot, self.kept = seed, vocab, device, one_hot, {}
+
+    def at(self, t0, n=1):
+        """[n, V]: E_t for t = t0 .. t0 + n - 1."""
+        for t in range(t0, t0 + n):
+            if t not in self.kept:
+                g = torch.Generator(device=self.device).manual_seed(race_seed(self.seed, t))
+                self.kept[t] = exponentials(self.vocab, generator=g, device=self.device, one_hot=self.one_hot)
+        out = torch.stack([self.kept[t] for t in range(t0, t0 + n)])
+        while len(self.kept) > 32:
+            del self.kept[min(self.kept)]
+        return out
+
+
+def coupled_sample(p, draft, e):
+    """Coupled verification of a chain: p [B, K+1, V] target probs, draft [B, K] the tokens the
+    draft's races chose, e [B, K+1, V] the races' exponentials at the K+1 positions. Position
+    i's winner is w_i = argmax p_i / E_i; the drafts are accepted up to the first i with
+    draft_i != w_i, where w_i is emitted (w_K after all K). Same returns as rejection_sample."""
+    if torch.isnan(p).any() or (p < 0).any():
+        raise SamplerError("NaN or negative target probabilities")
+    B, K = draft.shape
+    winners = draw(p.float(), e)
+    n = (draft == winners[:, :K]).long().cumprod(-1).sum(-1)
+    positions = torch.arange(K + 1, device=p.device)
+    tokens = torch.where(positions < n[:, None], winners, -1)
+    tokens[torch.arange(B, device=p.device), n] = winners[torch.arange(B, device=p.device), n]
+    return tokens, n
 
 
 def random_inputs(B, K, V, generator=None, device="cpu", one_hot=False):

@@ -12,6 +12,11 @@ chain  the draft proposes K tokens one by one; ONE target forward scores all K+1
 tree   the draft grows a token tree (tree.py); ONE target forward scores every node under
        a tree attention mask; the longest accepted root-to-leaf path is kept.
 
+Verification is coupled by default (sampler.py): position t of the output races with
+exponentials drawn from (seed, t), so every mode emits exactly the tokens `ar` samples with
+the same seed; --verify rejection uses rejection sampling instead. In the auto modes a
+Gate takes plain target steps, with no draft forward, while those are measured faster.
+
 Each loop keeps one list `tokens` (prompt + output). Every cache holds a prefix of it;
 a forward feeds whatever the cache lacks (the whole prompt the first time), so there is
 no separate prefill, and rolling back is setting the cache length.
@@ -29,14 +34,12 @@ import torch
 import sampler
 import tree
 import weights
-from model import ModelError
-from sampler import SamplerError
-from weights import WeightsError
+from model import SpecdecodeError      # every refusal's base class: what Python API users catch
 
 DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime, with a short docstring."
 
 
-class SpecError(ValueError):
+class SpecError(SpecdecodeError):
     """Bad options or input, said in one line."""
 
 
@@ -84,6 +87,7 @@ class Stats:
     t_draft: float = 0.0
     t_target: float = 0.0
     t_sample: float = 0.0
+    plain_steps: int = 0         # auto modes: target steps taken without the draft (Gate)
     ks: list = field(default_factory=list)   # K (chain) or accepted depth (tree) per step
 
     @property
@@ -111,6 +115,8 @@ class Stats:
                   f"{sum(self.ks) / max(1, len(self.ks)):.2f}")
         if self.mode == "chain" and self.ks:
             s += f", mean K {sum(self.ks) / len(self.ks):.1f}"
+        if self.plain_steps:
+            s += f", steps without the draft {self.plain_steps}"
         return s
 
 
@@ -161,44 +167,98 @@ def best_k(history, costs, k_max=12):
     return max(ks, key=lambda k: tokens(k) / (k * costs.draft_pass(1) + costs.target_pass(k + 1)))
 
 
+def plain_step(target, tokens, opts, stats):
+    """One target forward, one token: position t races with E_t (sampler.Races), so a seed's
+    sample is the same whichever mode produced the tokens before it."""
+    with Timer(stats, "t_target", target.device):
+        logits = feed(target, tokens)[0, -1, :opts.vocab]
+    stats.target_passes += 1
+    with Timer(stats, "t_sample", target.device):
+        token = int(sampler.draw(opts.settings.probs(logits), opts.races.at(len(tokens))[0]))
+    tokens.append(token)
+    return [token]
+
+
 def decode_ar(target, draft, tokens, opts, stats):
     """One target forward per token."""
     while True:
-        with Timer(stats, "t_target", target.device):
-            logits = feed(target, tokens)[0, -1, :opts.vocab]
-        stats.target_passes += 1
-        with Timer(stats, "t_sample", target.device):
-            token = int(sampler.draw(opts.settings.probs(logits), exponentials(opts)))
-        tokens.append(token)
-        yield [token]
+        yield plain_step(target, tokens, opts, stats)
 
 
-def exponentials(opts):
-    """E ~ Exp(1) over the vocabulary: one exponential race (sampler.draw); ones when greedy."""
-    return sampler.exponentials(opts.vocab, generator=opts.generator, device=opts.device, one_hot=opts.greedy)
+class Gate:
+    """Auto modes: speculate, or take a plain target step with no draft forward, whichever
+    gave more tokens per second over its last 8 steps (measured, not modelled). The other
+    kind is tried again after `wait` steps of this one: 4 at first, so that a draft that
+    cannot pay (prose; float32 on a CPU where a batched pass costs much more than one token)
+    is dropped early; then 8, doubling to 64 while those tries keep losing (a probe costs
+    about half a step's worth of tokens: at most 1-2% of the run)."""
+
+    def __init__(self):
+        self.steps = {True: [], False: []}             # speculated? -> [(tokens, seconds)]
+        self.current, self.since, self.wait = True, 0, 4
+
+    def rate(self, speculated):
+        steps = self.steps[speculated]
+        return sum(n for n, _ in steps) / sum(s for _, s in steps) if steps else 0.0
+
+    def speculate(self):
+        return self.current if self.since < self.wait else not self.current
+
+    def observe(self, speculated, tokens, seconds):
+        self.steps[speculated] = (self.steps[speculated] + [(tokens, seconds)])[-8:]
+        if speculated == self.current:
+            self.since += 1
+            return
+        if self.rate(speculated) > self.rate(self.current):    # the probe won: switch
+            self.current, self.wait = speculated, 8
+        else:
+            self.wait = max(8, min(64, 2 * self.wait))
+        self.since = 0
+
+
+def gated(step, target, tokens, opts, stats, auto):
+    """Run step() (a speculative step: its new tokens) or, where the Gate says the draft does
+    not pay (auto modes only), a plain target step; time each after the first (prompt) one."""
+    gate = Gate() if auto else None
+    while True:
+        speculate, warm, t0 = gate is None or gate.speculate(), target.length > 0, time.perf_counter()
+        new = step() if speculate else plain_step(target, tokens, opts, stats)
+        stats.plain_steps += not speculate
+        if gate and warm:
+            gate.observe(speculate, len(new), time.perf_counter() - t0)
+        yield new
 
 
 def decode_chain(target, draft, tokens, opts, stats):
-    """Draft K tokens, verify K+1 positions in one target pass, keep what rejection sampling keeps."""
+    """Draft K tokens, verify K+1 positions in one target pass, keep what rejection sampling
+    (or coupled verification) keeps."""
     k, history, costs = (4 if opts.k == "auto" else opts.k), [], tree.Costs()
-    while True:
+    coupled = opts.verify == "coupled"
+
+    def step():
+        nonlocal k, history
         start, qs, drafts = len(tokens), [], []
         warm = target.length > 0                      # the first step's passes include the prompt: not timed
-        for _ in range(k):
+        for i in range(k):
+            fed = start + i - draft.length              # > 1 after plain steps: the draft catches up
             with Timer(stats, "t_draft", draft.device) as timer:
                 q = opts.settings.probs(feed(draft, tokens[:start] + drafts)[0, -1, :opts.vocab])
-                drafts.append(int(sampler.draw(q, exponentials(opts))))
+                e = opts.races.at(start + i)[0] if coupled else exponentials(opts)
+                drafts.append(int(sampler.draw(q, e)))
             if warm:
-                costs.add_draft(1, timer.seconds)
+                costs.add_draft(fed, timer.seconds)
             qs.append(q)
         with Timer(stats, "t_target", target.device) as timer:
             logits = feed(target, tokens, drafts, last=k + 1)[:, :, :opts.vocab]
         if warm:
             costs.add_target(k + 1, timer.seconds)
         with Timer(stats, "t_sample", target.device):
-            p = opts.settings.probs(logits)
-            u, e = sampler.random_inputs(1, k, opts.vocab, opts.generator, opts.device, one_hot=opts.greedy)
-            out, n = sampler.rejection_sample(p, torch.stack(qs)[None], torch.tensor([drafts], device=opts.device), u, e)
+            p, proposed = opts.settings.probs(logits), torch.tensor([drafts], device=opts.device)
+            if coupled:
+                out, n = sampler.coupled_sample(p, proposed, opts.races.at(start, k + 1)[None])
+            else:
+                u, e = sampler.random_inputs(1, k, opts.vocab, opts.generator, opts.device, one_hot=opts.greedy)
+                out, n = sampler.rejection_sample(p, torch.stack(qs)[None], proposed, u, e)
             n = int(n)
             new = out[0, :n + 1].tolist()
         target.truncate(start + n)
@@ -209,25 +269,38 @@ def decode_chain(target, draft, tokens, opts, stats):
         stats.accepted += n
         stats.ks.append(k)
         tokens.extend(new)
-        yield new
         if opts.k == "auto":
             history = (history + [(k, n)])[-32:]
             k = best_k(history, costs)
+        return new
+    yield from gated(step, target, tokens, opts, stats, auto=opts.k == "auto")
+
+
+def exponentials(opts):
+    """E ~ Exp(1) over the vocabulary: one exponential race (sampler.draw); ones when greedy."""
+    return sampler.exponentials(opts.vocab, generator=opts.generator, device=opts.device, one_hot=opts.greedy)
 
 
 def decode_tree(target, draft, tokens, opts, stats):
     """Grow a token tree with the draft, verify it in one target pass, keep the accepted path."""
     sizer = tree.AutoSize() if opts.tree_size == "auto" else None
-    while True:
+    coupled = opts.verify == "coupled"
+
+    def step():
         start, warm = len(tokens), target.length > 0
         with Timer(stats, "t_draft", draft.device):
-            t = tree.grow(draft, tokens, opts.settings, opts.vocab, opts.generator, opts.budget, sizer)
+            t = tree.grow(draft, tokens, opts.settings, opts.vocab, opts.generator, opts.budget, sizer,
+                          races=opts.races if coupled else None)
         with Timer(stats, "t_target", target.device) as timer:
             logits = tree.score(target, tokens, t)[0, :, :opts.vocab]
         if sizer and warm:
             sizer.costs.add_target(len(t.tokens) + 1, timer.seconds)
         with Timer(stats, "t_sample", target.device):
-            path, new = tree.verify(t, opts.settings.probs(logits), opts.generator, one_hot=opts.greedy)
+            p = opts.settings.probs(logits)
+            if coupled:
+                path, new = tree.verify_coupled(t, p, opts.races.at(start, max(t.depths, default=0) + 1))
+            else:
+                path, new = tree.verify(t, p, opts.generator, one_hot=opts.greedy)
         tree.compact(target, draft, start, t, path)
         if sizer:
             sizer.observe(t, len(path))
@@ -240,7 +313,8 @@ def decode_tree(target, draft, tokens, opts, stats):
             opts.on_tree(t, path, new)
         tokens.extend(t.tokens[i] for i in path)
         tokens.append(new)
-        yield [t.tokens[i] for i in path] + [new]
+        return [t.tokens[i] for i in path] + [new]
+    yield from gated(step, target, tokens, opts, stats, auto=opts.tree_size == "auto")
 
 
 DECODERS = {"ar": decode_ar, "chain": decode_chain, "tree": decode_tree}
@@ -254,10 +328,12 @@ class Options:
     k: object = "auto"                      # chain: int or "auto"
     budget: tree.Budget = field(default_factory=tree.Budget)
     tree_size: str = "auto"                 # tree: "auto" (AutoSize) or "fixed" (fill the budgets)
+    verify: str = "coupled"                 # "coupled" (a seed reproduces ar's sample) or "rejection"
     on_tree: object = None                  # callback(tree, accepted path, emitted token) per step
     vocab: int = 0                          # set by generate: the shared tokenizer's size
     device: object = "cpu"
-    generator: object = None
+    generator: object = None                # rejection sampling's random numbers
+    races: object = None                    # sampler.Races: the exponentials of each output position
 
     @property
     def greedy(self):
@@ -273,6 +349,8 @@ class Options:
             raise SpecError(f"k must be a whole number >= 1 or 'auto', got {self.k!r}")
         if self.tree_size not in ("auto", "fixed"):
             raise SpecError(f"tree_size must be 'auto' or 'fixed', got {self.tree_size!r}")
+        if self.verify not in ("coupled", "rejection"):
+            raise SpecError(f"verify must be 'coupled' or 'rejection', got {self.verify!r}")
         b = self.budget
         for name in ("max_depth", "max_nodes_per_level", "max_total_nodes", "branch"):
             if not whole(getattr(b, name)) or getattr(b, name) < 1:
@@ -322,6 +400,7 @@ def generate(prompt_ids, target, draft, opts: Options, on_tokens=None):
     opts.vocab = max(tok.vocab().values()) + 1
     opts.device = model.device
     opts.generator = torch.Generator(device=model.device).manual_seed(opts.settings.seed)
+    opts.races = sampler.Races(opts.settings.seed, opts.vocab, model.device, one_hot=opts.greedy)
     model.setup_cache(need)
     if draft is not None:
         draft[0].setup_cache(need)
@@ -440,8 +519,11 @@ def parse_args(argv):
     p.add_argument("--max-time", type=float, default=tree.Budget.max_time, help="seconds to grow one tree")
     p.add_argument("--branch", type=int, default=tree.Budget.branch, help="tree: children per expanded node")
     p.add_argument("--prune", choices=("best", "random"), default="best")
+    p.add_argument("--verify", choices=("coupled", "rejection"), default="coupled",
+                   help="coupled: position t races with exponentials from (seed, t), so a seed gives ar's text in "
+                        "every mode; rejection: rejection sampling (accepts slightly more, text varies with the draft)")
     p.add_argument("--children", choices=("auto", "top-k", "sample"), default="auto",
-                   help="tree: top-k candidates or i.i.d. draws (auto: draws when temperature > 0)")
+                   help="tree, --verify rejection: top-k candidates or i.i.d. draws (auto: draws when temperature > 0)")
     p.add_argument("--viz", metavar="PNG", help="tree: draw the step with the most nodes")
     p.add_argument("--viz-dir", metavar="DIR", help="tree: one PNG per step and an animated GIF")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -489,7 +571,7 @@ def main(argv=None):
     text, stats = speculative_decode(
         prompt, target=a.target, draft=a.draft, chat=not a.raw, device=a.device, dtype=getattr(torch, a.dtype),
         draft_quant=a.draft_quant, on_text=lambda s: print(s, end="", flush=True), mode=a.mode, max_new_tokens=a.max_new_tokens,
-        k=a.k, tree_size=a.tree, budget=budget, on_tree=on_tree,
+        k=a.k, tree_size=a.tree, verify=a.verify, budget=budget, on_tree=on_tree,
         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     print()
     print(stats.line(), file=sys.stderr)
@@ -505,7 +587,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (SpecError, WeightsError, ModelError, SamplerError) as e:
+    except SpecdecodeError as e:
         print(f"specdecode: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -1,11 +1,14 @@
 """The invariants of DESIGN.md as tests. Most use tiny random models written in the real
 config.json + safetensors layout; a few end-to-end checks use the demo weights."""
+import itertools
 import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -212,9 +215,8 @@ def test_compact_keeps_the_accepted_path(tmp_path):
 # ---------------------------------------------------------------------------- decoding
 
 def run(target, draft, prompt, mode, vocab=16, **kw):
-    budget = kw.pop("budget", tree.Budget())
-    opts = sd.Options(mode=mode, settings=sd.Settings(temperature=kw.pop("temperature", 0.0), seed=kw.pop("seed", 0)),
-                      budget=budget, **kw)
+    settings = sd.Settings(**{k: kw.pop(k) for k in list(kw) if k in sd.Settings.__dataclass_fields__})
+    opts = sd.Options(mode=mode, settings=settings, budget=kw.pop("budget", tree.Budget()), **kw)
     return sd.generate(prompt, (target, TinyTok(vocab)), (draft, TinyTok(vocab)) if draft else None, opts)
 
 
@@ -251,6 +253,60 @@ def test_draft_equal_to_target_accepts_everything(tmp_path):
     folder = tiny_model(tmp_path, vocab=16, scale=2.0)
     out, stats = run(load(folder), load(folder), [1, 2], "chain", k=4, max_new_tokens=40)
     assert stats.acceptance == 1.0 and stats.tokens_per_pass == pytest.approx(5.0, abs=0.01)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.8, 1.0), (1.0, 0.9)])
+def test_coupled_decoding_samples_what_ar_samples(pair, temperature, top_p, monkeypatch):
+    """Coupled verification: for one seed, every chain and tree emits exactly the tokens ar
+    samples, whatever K and tree shape, and whatever the clock says (a random clock stands in
+    for a loaded machine: it drives AutoSize, best_k, the Gate and max_time)."""
+    target, draft = pair
+    rng, now = random.Random(0), [0.0]
+
+    def clock():
+        now[0] += rng.expovariate(20.0)
+        return now[0]
+    monkeypatch.setattr(time, "perf_counter", clock)
+    small = tree.Budget(max_depth=3, branch=2, max_nodes_per_level=3, max_time=0.3)
+    for seed in range(3):
+        kw = dict(temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=30)
+        want, _ = run(target, None, [3, 1], "ar", **kw)
+        for k in (1, 3, "auto"):
+            assert run(target, draft, [3, 1], "chain", k=k, **kw)[0] == want
+        for size in ("auto", "fixed"):
+            for budget in (tree.Budget(), small):
+                assert run(target, draft, [3, 1], "tree", tree_size=size, budget=budget, **kw)[0] == want
+
+
+def test_gate_drops_a_draft_that_does_not_pay():
+    """Gate: speculation measured at 0.8 tokens/s against 1.0 for plain steps. After 4
+    speculative steps a plain one is tried and wins; speculation is then tried after 8, 16,
+    32, 64, 64 plain steps. The other way round (1.2 against 1.0), plain steps are tried as
+    rarely."""
+    for slow in (True, False):
+        gate, kinds = sd.Gate(), []
+        for _ in range(200):
+            speculate = gate.speculate()
+            kinds.append(speculate)
+            gate.observe(speculate, 1.2 if speculate else 1.0, (1.5 if slow else 1.0) if speculate else 1.0)
+        others = [i for i, k in enumerate(kinds) if k == slow]      # steps of the kind that loses
+        assert others == ([0, 1, 2, 3] if slow else [4]) + [13, 30, 63, 128, 193]
+
+
+def test_plain_steps_between_speculative_ones_keep_the_output(pair, monkeypatch):
+    """A plain step leaves the draft's cache behind; the next speculative step feeds it what it
+    lacks. Forced steps speculate, plain, plain, ...: greedy and coupled outputs are still ar's."""
+    target, draft = pair
+    flips = itertools.cycle([True, False, False])
+    monkeypatch.setattr(sd.Gate, "speculate", lambda self: next(flips))
+    accepted = {"chain": 0, "tree": 0}
+    for temperature in (0.0, 0.9):
+        want, _ = run(target, None, [2, 9], "ar", temperature=temperature, seed=3, max_new_tokens=30)
+        for mode in accepted:
+            out, stats = run(target, draft, [2, 9], mode, temperature=temperature, seed=3, max_new_tokens=30)
+            assert out == want and stats.plain_steps > 0
+            accepted[mode] += stats.accepted
+    assert min(accepted.values()) > 0
 
 
 def test_one_node_tree_is_autoregressive(pair):
@@ -544,14 +600,57 @@ def test_tree_sampling_is_exactly_the_target_distribution(children, monkeypatch)
     assert total_variation(first, p1) > 0.05
 
 
-@pytest.mark.parametrize("mode", ["chain", "tree"])
-def test_sampled_decoding_loop_follows_the_target(pair, mode):
+def coupled_tree(g, V=8):
+    """small_tree for coupled verification: the root's 3 candidates are the best of the draft's
+    race on q1 with E_1, each kept; under each, 2 pruned candidates from the race on q2(.|x1)
+    with E_2. Returns the tree, p and the races [E_1, E_2]."""
+    p1, q1, p2, q2 = chain_distributions(V)
+    e = sampler.exponentials(2, V, generator=g)
+    t = tree.Tree()
+    t.candidates[-1] = []
+    for c in tree.children(q1, 3, False, e[0]):
+        t.candidates[-1].append([c, len(t.tokens), 0, 0])
+        t.tokens.append(c), t.parents.append(-1), t.depths.append(1)
+    for i, c in enumerate(list(t.tokens)):
+        t.candidates[i] = [[x, -1, 0, 0] for x in tree.children(q2[c], 2, False, e[1])]
+    return t, torch.stack([p1] + [p2[c] for c in t.tokens]), e
+
+
+@pytest.mark.parametrize("shared_race", [False, True])
+def test_coupled_tree_sampling_is_exactly_the_target_distribution(shared_race):
+    """Trees verified by coupling, 20k runs: the first token follows p(x1), the second
+    p(x2 | x1), the second coming from a plain step with E_2 when the tree's step emitted one
+    token (64 cells: total-variation noise about 0.023). The wrong rule of one race for both
+    depths must fail (it lands near 0.27; 5k runs)."""
+    V, n = 8, 5_000 if shared_race else 20_000
+    p1, _, p2, _ = chain_distributions(V)
+    g = torch.Generator().manual_seed(17)
+    first, second = torch.zeros(V), torch.zeros(V, V)
+    for _ in range(n):
+        t, p, e = coupled_tree(g)
+        if shared_race:
+            e = e[:1].expand(2, V)
+        path, new = tree.verify_coupled(t, p, e)
+        seq = [t.tokens[i] for i in path] + [new]
+        if len(seq) == 1:
+            seq.append(int(sampler.draw(p2[seq[0]], e[1])))
+        first[seq[0]] += 1
+        second[seq[0], seq[1]] += 1
+    joint = total_variation(second.flatten(), (p1[:, None] * p2).flatten())
+    if shared_race:
+        assert joint > 0.1
+    else:
+        assert total_variation(first, p1) < 0.03 and joint < 0.05
+
+
+@pytest.mark.parametrize("mode, verify", [("chain", "rejection"), ("tree", "rejection"), ("tree", "coupled")])
+def test_sampled_decoding_loop_follows_the_target(pair, mode, verify):
     """The whole loop (drafting, verification, cache rollback) with sampling: the second token's
     distribution given the first, over 1500 seeded runs, against the target's own."""
     target, draft = pair
     prompt, counts = [3, 1], torch.zeros(16, 16)
     for seed in range(1500):
-        out, _ = run(target, draft, prompt, mode, temperature=1.0, seed=seed, max_new_tokens=2, k=2,
+        out, _ = run(target, draft, prompt, mode, temperature=1.0, seed=seed, max_new_tokens=2, k=2, verify=verify,
                      budget=tree.Budget(max_depth=2, branch=2, max_nodes_per_level=3), tree_size="fixed")
         counts[out[0], out[1]] += 1
     def next_probs(ids):
@@ -561,6 +660,40 @@ def test_sampled_decoding_loop_follows_the_target(pair, mode):
     exact = torch.stack([next_probs(prompt + [a]) for a in range(16)])
     joint = (p1[:, None] * exact).flatten()
     assert total_variation(counts.flatten(), joint) < 0.12    # 1500 runs, 256 cells: noise about 0.09
+
+
+def coupled_joint(shared_race=False, V=8, N=N_DRAWS):
+    """chain_joint for coupled verification: position t races with its own E_t (all three
+    rows of one run independent), the draft proposes with the same races on q, and a step
+    that emitted one token is followed by a plain step racing position 2 with E_2 again.
+    shared_race: the wrong rule of one race for every position."""
+    p1, q1, p2, q2 = chain_distributions(V)
+    g = torch.Generator().manual_seed(13)
+    e = sampler.exponentials(N, 3, V, generator=g)
+    if shared_race:
+        e = e[:, :1].expand(N, 3, V)
+    x1 = sampler.draw(q1.expand(N, V), e[:, 0])
+    x2 = sampler.draw(q2[x1], e[:, 1])
+    p = torch.stack((p1.expand(N, V), p2[x1], p2[x2]), 1)
+    tokens, n = sampler.coupled_sample(p, torch.stack((x1, x2), 1), e)
+    first = tokens[:, 0]
+    second = torch.where(n >= 1, tokens[:, 1], sampler.draw(p2[first], e[:, 1]))
+    counts = torch.zeros(V * V).index_add_(0, first * V + second, torch.ones(N))
+    return counts, (p1[:, None] * p2).flatten(), float((n >= 1).float().mean())
+
+
+def test_coupled_chain_sampling_is_exactly_the_target_distribution():
+    """Coupled verification's marginal is p (tolerance as for rejection sampling above). Its
+    first draft is accepted with a probability between the coupling bound (1 - TV) / (1 + TV)
+    and rejection sampling's 1 - TV, the most any coupling can reach (200k runs: noise about
+    0.001 on the rate). One race shared by all positions (a wrong rule) fails the same test."""
+    counts, exact, accepted = coupled_joint()
+    assert total_variation(counts, exact) < TV_TOL
+    p1, q1, _, _ = chain_distributions()
+    tv = 0.5 * (p1 - q1).abs().sum().item()
+    assert (1 - tv) / (1 + tv) - 0.005 < accepted < 1 - tv + 0.005
+    counts, exact, _ = coupled_joint(shared_race=True)
+    assert total_variation(counts, exact) > 5 * TV_TOL
 
 
 # ---------------------------------------------------------------------------- the picture
@@ -591,7 +724,7 @@ def cli(*args, stdin="", env=None):
 
 def assert_one_line_error(code, err, *words):
     lines = [l for l in err.splitlines() if l.strip() and not l.startswith("[specdecode]")]
-    assert code != 0 and len(lines) == 1 and "Traceback" not in err, err
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert all(w in lines[0] for w in words), lines[0]
 
 
@@ -639,14 +772,23 @@ def test_bad_flags_and_prompts(tmp_path):
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_p=0), dict(top_k=-2),
                                  dict(max_new_tokens=-5), dict(mode="beam"), dict(seed=2 ** 70), dict(k=0),
                                  dict(budget=tree.Budget(branch=17)), dict(budget=tree.Budget(max_time=float("nan"))),
-                                 dict(tree_size="huge"), dict(device="xyz"), dict(draft_quant="int3"), dict(nonsense=1)])
+                                 dict(tree_size="huge"), dict(device="xyz"), dict(draft_quant="int3"), dict(nonsense=1),
+                                 dict(verify="maybe")])
 def test_python_api_refuses_bad_options_before_loading(bad, monkeypatch):
     """The API checks what the command line checks, before any model loads."""
     monkeypatch.setattr(sd, "load_pair", lambda *a, **k: pytest.fail("loaded a model before refusing the options"))
-    with pytest.raises(sd.SpecError):
+    with pytest.raises(sd.SpecdecodeError):
         sd.speculative_decode("hi", **bad)
-    with pytest.raises(sd.SpecError, match="UTF-8"):
+    with pytest.raises(sd.SpecdecodeError, match="UTF-8"):
         sd.speculative_decode("abc\udcff")
+
+
+def test_one_exception_class_to_catch():
+    """Every module's error is a SpecdecodeError, which specdecode.py exports."""
+    for error in (sd.SpecError, model.ModelError, weights.WeightsError, sampler.SamplerError):
+        assert issubclass(error, sd.SpecdecodeError)
+    with pytest.raises(sd.SpecdecodeError, match="no-such-model"):
+        sd.speculative_decode("hi", target="/no-such-model", mode="ar")
 
 
 def test_prompt_longer_than_the_context():
@@ -740,6 +882,48 @@ def test_cli_greedy_demo_target_writes_code():
     assert code == 0, err
     assert "def is_even" in out and "return" in out
     assert "tokens/s" in err.splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def demo_fp32():
+    """The demo pair in float32, where a batched and a one-token pass agree on these argmaxes."""
+    return sd.load_pair(weights.DEMO_TARGET, weights.DEMO_DRAFT, "cpu", torch.float32, "none")
+
+
+def demo_ids(tok, prompt="Write a Python function that reverses a singly linked list."):
+    return tok.encode(tok.chat(prompt))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_demo_pair_every_mode_emits_ar_s_tokens(demo_fp32, temperature):
+    """On the real pair: greedy, and coupled sampling with one seed, give ar's 24 tokens in
+    every mode, while the draft's tokens are accepted (so the check is not vacuous)."""
+    target, draft = demo_fp32
+    ids = demo_ids(target[1])
+    opts = lambda **kw: sd.Options(max_new_tokens=24, settings=sd.Settings(temperature=temperature, seed=7), **kw)
+    want, _ = sd.generate(ids, target, None, opts(mode="ar"))
+    for kw in (dict(mode="chain", k=4), dict(mode="chain"), dict(mode="tree"),
+               dict(mode="tree", tree_size="fixed", budget=tree.Budget(max_depth=4, max_nodes_per_level=6))):
+        out, stats = sd.generate(ids, target, draft, opts(**kw))
+        assert out == want and stats.accepted > 0, kw
+
+
+def test_demo_draft_as_its_own_draft_accepts_every_greedy_node():
+    """A tree whose draft is its target: every level of a full binary tree holds the greedy
+    path, so each step accepts all 4 levels, and the draft's probability of each accepted
+    token is the target's own (one plain pass over the whole output). Wrong draft positions,
+    masks or compaction in tree.grow would only slow decoding and pass every other test."""
+    target, draft = sd.load_pair(weights.DEMO_DRAFT, weights.DEMO_DRAFT, "cpu", torch.float32, "none")
+    budget, ids, q = tree.Budget(max_depth=4, branch=2, max_nodes_per_level=16), demo_ids(target[1]), []
+    out, stats = sd.generate(ids, target, draft, sd.Options(
+        mode="tree", tree_size="fixed", budget=budget, max_new_tokens=20,
+        on_tree=lambda t, path, new: q.extend([t.q[i] for i in path] + [None])))
+    assert len(out) == 20 and stats.ks == [4] * len(stats.ks)
+    target[0].setup_cache(len(ids) + len(out))
+    p = torch.softmax(target[0](torch.tensor([ids + out[:-1]]), last=len(out))[0].float(), -1)
+    p = p[torch.arange(len(out)), torch.tensor(out)]
+    drafted = [i for i, x in enumerate(q[:len(out)]) if x is not None]
+    assert torch.allclose(torch.tensor([q[i] for i in drafted]), p[drafted], rtol=1e-3, atol=1e-5)
 
 
 def test_nvcc_compiles_the_kernel(tmp_path):

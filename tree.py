@@ -15,7 +15,9 @@ Verify: walk down from the root. At each node, sampler.tree_sample runs SpecInfe
     made: an accepted kept child is descended into, an accepted pruned child ends the step,
     and if all are rejected a token is drawn from the target's residual. Every emitted token
     is therefore distributed exactly as the target's. Greedy: the child equal to the
-    target's argmax is followed, else the argmax is emitted.
+    target's argmax is followed, else the argmax is emitted. Coupled (`verify_coupled`,
+    sampler.py): the children are the best of the draft's race at their position, and the
+    target's race winner is followed while it is a kept child, else emitted.
 Compact: both KV caches keep the prefix and the accepted path, nothing else.
 
 Auto sizing (`AutoSize`): the expected number of tokens a step yields is 1 + sum over kept
@@ -151,18 +153,22 @@ class AutoSize:
             self.calibration = min(1.0, max(0.05, 0.8 * self.calibration + 0.2 * accepted / predicted))
 
 
-def children(q, branch, drawn, e_rows):
-    """Candidate tokens of a node: `branch` i.i.d. draws from q (drawn) or its top `branch`."""
+def children(q, branch, drawn, e):
+    """Candidate tokens of a node: `branch` i.i.d. draws from q (drawn; e [branch, V], one race
+    each), else the `branch` best of q / e (coupled: e = E_t, the first being the draft's race
+    winner) or of q (e None)."""
     if drawn:
-        return sampler.draw(q.expand(branch, -1), e_rows).tolist()
-    return q.topk(min(branch, int((q > 0).sum()))).indices.tolist()
+        return sampler.draw(q.expand(branch, -1), e).tolist()
+    return (q / e if e is not None else q).topk(min(branch, int((q > 0).sum()))).indices.tolist()
 
 
-def grow(draft, tokens, settings, vocab, generator, budget: Budget, sizer: AutoSize | None = None):
-    """A token tree from the draft after `tokens` (the last token is the root)."""
+def grow(draft, tokens, settings, vocab, generator, budget: Budget, sizer: AutoSize | None = None, races=None):
+    """A token tree from the draft after `tokens` (the last token is the root). races
+    (sampler.Races, coupled verification): children are the best of the draft's race at
+    their position, instead of i.i.d. draws or the top of q."""
     t0 = time.perf_counter()
     t = Tree()
-    drawn = budget.children == "sample" or (budget.children == "auto" and settings.temperature > 0)
+    drawn = races is None and (budget.children == "sample" or (budget.children == "auto" and settings.temperature > 0))
     # drawn children need the exact q they are drawn from; top-k children are point masses,
     # so any q may rank them: greedy ranks by the plain softmax, not by its one-hot argmax
     dist = lambda logits: settings.probs(logits) if drawn or settings.temperature > 0 else sampler.probs(logits)
@@ -176,7 +182,8 @@ def grow(draft, tokens, settings, vocab, generator, budget: Budget, sizer: AutoS
         for f, q in zip(frontier, q_frontier):
             if drawn:
                 t.dists[f] = q
-            e = torch.empty(budget.branch, vocab, device=q.device).exponential_(generator=generator) if drawn else None
+            e = (sampler.exponentials(budget.branch, vocab, generator=generator, device=q.device) if drawn
+                 else races.at(prefix + depth - 1)[0] if races else None)
             base = t.logp[f] if f >= 0 else 0.0
             t.candidates[f], seen = [], set()
             for c in children(q, budget.branch, drawn, e):
@@ -253,6 +260,19 @@ def verify(t: Tree, p, generator, one_hot=False):
         if j < 0 or cands[j][1] < 0:
             return path, int(token)
         node = cands[j][1]
+        path.append(node)
+
+
+def verify_coupled(t: Tree, p, e):
+    """Coupled verification (sampler's docstring): at each node the target's race winner
+    w = argmax p / E is followed when it is a kept child, else emitted. p [1 + N, V] as in
+    verify; e [D + 1, V]: E at the root's output position and at each depth below it."""
+    node, path = -1, []
+    while True:
+        w = int(sampler.draw(p[node + 1], e[t.depths[node] if node >= 0 else 0]))
+        node = next((c[1] for c in t.candidates.get(node, []) if c[0] == w), -1)
+        if node < 0:
+            return path, w
         path.append(node)
 
 
