@@ -11,16 +11,17 @@
    gpt-fast prints it) of one target and one draft forward (int4 and not) over 1 and 9 new
    tokens after a 100-token cache.
 3. End to end on a target/draft pair (default: the demo pair): autoregressive, chain
-   (K = 2, 4, auto), tree (auto, with and without the int4 draft, and the paper's 25/200
-   budgets), on code and prose prompts:
+   (K = 2, 4, auto), tree (auto, without lookup, without the int4 draft, and the paper's
+   25/200 budgets), on code, prose and editing prompts (a 55-line file to return with a
+   function renamed):
    tokens/s, speedup over autoregressive, acceptance, tokens per target pass, and the time
    split; then tree auto against the fastest chain row of each prompt. --full adds sampled
    rows (T = 0.7 and 1.0, seed 1) and rejection sampling's rows beside coupled verification's.
    Every row that must equal autoregressive's output (all but rejection's) is checked token
    for token; where one parts, the row says where and compares the top-2 gap of the target's
    race there with the measured difference between a batched and a one-token pass.
-   --vs-hf adds transformers' generate and assisted generation (its default dynamic K, and
-   K = 4 and 8) on the same folders, and the ratios against them.
+   --vs-hf adds transformers' generate, assisted generation (its default dynamic K, and
+   K = 4 and 8) and prompt lookup on the same folders, and the ratios against them.
 Writes bench_results.md and bench.png.
 """
 import argparse
@@ -39,10 +40,69 @@ import specdecode as sd
 import tree
 import weights
 
+EDIT_SOURCE = '''import csv
+from collections import defaultdict
+from dataclasses import dataclass
+
+
+@dataclass
+class Sale:
+    region: str
+    product: str
+    units: int
+    price: float
+
+
+def read_sales(path):
+    sales = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                units = int(row["units"])
+                price = float(row["price"])
+            except (KeyError, ValueError):
+                continue
+            if units <= 0 or price < 0:
+                continue
+            sales.append(Sale(row["region"].strip(), row["product"].strip(), units, price))
+    return sales
+
+
+def summarise(sales):
+    totals = defaultdict(float)
+    counts = defaultdict(int)
+    for sale in sales:
+        totals[sale.region] += sale.units * sale.price
+        counts[sale.region] += sale.units
+    report = []
+    for region in sorted(totals):
+        average = totals[region] / counts[region]
+        report.append((region, round(totals[region], 2), counts[region], round(average, 2)))
+    return report
+
+
+def best_products(sales, top=3):
+    revenue = defaultdict(float)
+    for sale in sales:
+        revenue[sale.product] += sale.units * sale.price
+    ranked = sorted(revenue.items(), key=lambda item: item[1], reverse=True)
+    return ranked[:top]
+
+
+if __name__ == "__main__":
+    import sys
+    data = read_sales(sys.argv[1])
+    for line in summarise(data):
+        print(*line, sep="\\t")
+    print(best_products(data))
+'''
+
 PROMPTS = {
     "code: CUDA kernel": "Write a CUDA kernel that adds two float vectors, with its launch code.",
     "code: Fibonacci": "Write a Python function that returns the n-th Fibonacci number, iteratively.",
     "prose": "Explain in a short paragraph why the sky is blue.",
+    "edit: rename": "Rename the function summarise to summarize_by_region everywhere in this file and "
+                    "return the whole file:\n\n```python\n" + EDIT_SOURCE + "```",
 }
 
 
@@ -231,6 +291,7 @@ METHODS = {
     "chain K=4": dict(mode="chain", k=4),
     "chain auto": dict(mode="chain", k="auto"),
     "tree auto": dict(mode="tree", tree_size="auto"),
+    "tree auto, no lookup": dict(mode="tree", tree_size="auto", lookup="off"),
     "tree auto, draft not int4": dict(mode="tree", tree_size="auto", draft_quant="none"),
     "tree 25/200 (paper)": dict(mode="tree", tree_size="fixed", budget=tree.Budget(max_nodes_per_level=25, max_total_nodes=200)),
     "chain K=4, rejection": dict(mode="chain", k=4, verify="rejection"),      # sampled rows only: greedy
@@ -305,10 +366,12 @@ def bench_hf(a, prompt_name, ids, temperature, max_new, ar_out):
                      for n in (a.target, a.draft)]
     tgt, drf = _hf["hf"]
     x, rows, defaults = torch.tensor([ids]), [], copy.deepcopy(drf.generation_config)
-    for method, assist in {"transformers generate": None, **HF_ASSISTED}.items():
+    for method, assist in {"transformers generate": None, **HF_ASSISTED, "transformers prompt lookup": None}.items():
         kw = dict(max_new_tokens=max_new, do_sample=temperature > 0)
         if temperature > 0:
             kw["temperature"] = temperature
+        if method == "transformers prompt lookup":
+            kw["prompt_lookup_num_tokens"] = 10           # its documented setting
         if assist is not None:
             kw["assistant_model"] = drf
             drf.generation_config = copy.deepcopy(defaults)
@@ -381,11 +444,17 @@ def versus(rows, ours, theirs, prompts):
 def summary(rows):
     """The ratios the project is judged by, each from this run's rows."""
     code = [p for p in PROMPTS if p.startswith("code")]
+    edit = [p for p in PROMPTS if p.startswith("edit")]
+    fresh = [p for p in PROMPTS if not p.startswith("edit")]
     lines = ["Median speedup over autoregressive: " + ", ".join(f"{m} {v:.2f}x" for m, v in median_speedups(rows).items()),
              "", "Tree auto over the fastest chain row of each prompt (median): {:.2f}x tokens/s, "
              "{:.2f}x tokens per target pass.".format(*tree_vs_chain(rows)),
              "", f"Prose: tree auto {versus(rows, 'tree auto', ['ar'], ['prose']):.2f}x ar, "
-             f"chain auto {versus(rows, 'chain auto', ['ar'], ['prose']):.2f}x ar."]
+             f"chain auto {versus(rows, 'chain auto', ['ar'], ['prose']):.2f}x ar.",
+             "", f"Editing: tree auto {versus(rows, 'tree auto', ['ar'], edit):.2f}x ar and "
+             f"{versus(rows, 'tree auto', ['tree auto, no lookup'], edit):.2f}x tree auto without lookup; "
+             f"fresh prompts: {versus(rows, 'tree auto', ['tree auto, no lookup'], fresh):.2f}x tree auto without "
+             f"lookup (medians)."]
     for T in sorted({r["T"] for r in rows if r["method"].endswith("rejection")}):
         ratio = lambda m, f: statistics.median(
             f(next(r for r in rows if r["prompt"] == p and r["T"] == T and r["method"] == m)["stats"])
@@ -400,7 +469,9 @@ def summary(rows):
                   f"ar {versus(rows, 'ar', ['transformers generate'], code):.2f}x transformers' generate; "
                   f"tree auto {versus(rows, 'tree auto', HF_ASSISTED, code):.2f}x transformers' assisted "
                   f"generation at its best K (default, 4, 8); "
-                  f"chain auto {versus(rows, 'chain auto', HF_ASSISTED, code):.2f}x."]
+                  f"chain auto {versus(rows, 'chain auto', HF_ASSISTED, code):.2f}x.",
+                  "", f"Editing: tree auto {versus(rows, 'tree auto', ['transformers prompt lookup'], edit):.2f}x "
+                  "transformers' prompt lookup."]
     return "\n".join(lines)
 
 

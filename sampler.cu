@@ -11,7 +11,8 @@
 // tree_kernel (a token tree, sampler.tree_sample): one block per node, SpecInfer's
 // multi-round rejection over the node's candidates. The residual after j rejections is
 // never stored: every element is recomputed from p_v, q_v and the j scalars (z, which
-// candidate, whether the step was taken) in the order torch applies them, so the values
+// candidate, whether the step was taken, whether it was a point mass or a draw from q:
+// a node may mix both) in the order torch applies them, so the values
 // are bit-identical; sums run in float64 so the block's order does not matter.
 //
 // Only torch/extension.h is needed: the stream comes from Python as an integer, so
@@ -149,14 +150,15 @@ struct Round {     // what one rejected candidate did to the residual
   float z;         // sum of r before the step
   int64_t x;       // the rejected candidate
   bool taken;      // false: the step would have left nothing, r was kept
+  bool point;      // the candidate was a point mass (top-k pick, lookup token), not a draw from q
 };
 
 // r_v after `n` rounds: r = p, then per taken round max(0, r / z - q) (drawn children) or
 // r with the candidate zeroed (point masses), exactly as sampler.tree_vectorised computes it.
-__device__ __forceinline__ float residual(float p, float q, int64_t v, const Round* rounds, int n, bool drawn) {
+__device__ __forceinline__ float residual(float p, float q, int64_t v, const Round* rounds, int n) {
   float r = p;
   for (int i = 0; i < n; ++i)
-    if (rounds[i].taken) r = drawn ? fmaxf(r / rounds[i].z - q, 0.0f) : (v == rounds[i].x ? 0.0f : r);
+    if (rounds[i].taken) r = rounds[i].point ? (v == rounds[i].x ? 0.0f : r) : fmaxf(r / rounds[i].z - q, 0.0f);
   return r;
 }
 
@@ -176,7 +178,8 @@ __device__ void block_sum(double& s, bool& any, double* sums, bool* anys) {
 
 template <typename T>
 __global__ void tree_kernel(const T* __restrict__ p, const T* __restrict__ q, const int64_t* __restrict__ candidates,
-                            const float* __restrict__ u, const float* __restrict__ e, int64_t* __restrict__ choice,
+                            const float* __restrict__ u, const float* __restrict__ e,
+                            const uint8_t* __restrict__ point, int64_t* __restrict__ choice,
                             int64_t* __restrict__ token, int m, int V) {
   const int row = blockIdx.x, tid = threadIdx.x;
   const bool drawn = q != nullptr;
@@ -200,9 +203,10 @@ __global__ void tree_kernel(const T* __restrict__ p, const T* __restrict__ q, co
   for (; n < m; ++n) {
     const int64_t x = candidates[int64_t(row) * m + n];
     if (x < 0) break;
+    const bool pt = !drawn || point[int64_t(row) * m + n];
     if (tid == 0) {
-      float rx = residual(to_float(pr[x]), qv(x), x, rounds, n, drawn);
-      float qx = drawn ? to_float(qr[x]) : 1.0f;
+      float rx = residual(to_float(pr[x]), qv(x), x, rounds, n);
+      float qx = pt ? 1.0f : to_float(qr[x]);
       if (u[int64_t(row) * m + n] * qx * z < rx) accepted = n;
     }
     __syncthreads();
@@ -210,13 +214,13 @@ __global__ void tree_kernel(const T* __restrict__ p, const T* __restrict__ q, co
     // the step r <- next(r): its sum, and whether anything is left
     s = 0.0, any = false;
     for (int v = tid; v < V; v += THREADS) {
-      float r = residual(to_float(pr[v]), qv(v), v, rounds, n, drawn);
-      float next = drawn ? fmaxf(r / z - qv(v), 0.0f) : (v == x ? 0.0f : r);
+      float r = residual(to_float(pr[v]), qv(v), v, rounds, n);
+      float next = pt ? (v == x ? 0.0f : r) : fmaxf(r / z - qv(v), 0.0f);
       s += next;
       any |= next > 0.0f;
     }
     block_sum(s, any, sums, anys);
-    if (tid == 0) rounds[n] = Round{z, x, any};
+    if (tid == 0) rounds[n] = Round{z, x, any, pt};
     if (any) z = float(s);
     __syncthreads();
   }
@@ -226,30 +230,33 @@ __global__ void tree_kernel(const T* __restrict__ p, const T* __restrict__ q, co
   }
   // all rejected: the exponential race over the residual
   Best best{-1.0f, -1.0f, 0, 0, false};
-  for (int v = tid; v < V; v += THREADS) better(best.r, best.ir, residual(to_float(pr[v]), qv(v), v, rounds, n, drawn) / e[v], v);
+  for (int v = tid; v < V; v += THREADS) better(best.r, best.ir, residual(to_float(pr[v]), qv(v), v, rounds, n) / e[v], v);
   best = block_best(best, winners);
   if (tid == 0) choice[row] = -1, token[row] = best.ir;
 }
 
 std::vector<torch::Tensor> tree_sample(torch::Tensor p, torch::Tensor q, torch::Tensor candidates, torch::Tensor u,
-                                       torch::Tensor e, int64_t stream) {
+                                       torch::Tensor e, torch::Tensor point, int64_t stream) {
   TORCH_CHECK(p.is_cuda() && p.is_contiguous() && q.is_contiguous(), "p and q must be contiguous CUDA tensors");
   TORCH_CHECK(p.scalar_type() == q.scalar_type(), "p and q must have the same dtype");
   const int R = p.size(0), V = p.size(1), m = candidates.size(1);
   TORCH_CHECK(m <= MAX_CANDIDATES, "at most 16 candidates per node");
+  TORCH_CHECK(point.scalar_type() == torch::kUInt8 && point.is_contiguous() && point.numel() == int64_t(R) * m,
+              "point must be a contiguous uint8 [R, m]");
   const bool drawn = q.numel() > 0;
   auto choice = torch::empty({R}, candidates.options());
   auto token = torch::empty({R}, candidates.options());
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (p.scalar_type() == torch::kFloat) {
     tree_kernel<float><<<R, THREADS, 0, s>>>(p.data_ptr<float>(), drawn ? q.data_ptr<float>() : nullptr,
-        candidates.data_ptr<int64_t>(), u.data_ptr<float>(), e.data_ptr<float>(), choice.data_ptr<int64_t>(),
-        token.data_ptr<int64_t>(), m, V);
+        candidates.data_ptr<int64_t>(), u.data_ptr<float>(), e.data_ptr<float>(), point.data_ptr<uint8_t>(),
+        choice.data_ptr<int64_t>(), token.data_ptr<int64_t>(), m, V);
   } else {
     TORCH_CHECK(p.scalar_type() == torch::kBFloat16, "probabilities must be float32 or bfloat16");
     tree_kernel<uint16_t><<<R, THREADS, 0, s>>>(reinterpret_cast<const uint16_t*>(p.data_ptr()),
         drawn ? reinterpret_cast<const uint16_t*>(q.data_ptr()) : nullptr, candidates.data_ptr<int64_t>(),
-        u.data_ptr<float>(), e.data_ptr<float>(), choice.data_ptr<int64_t>(), token.data_ptr<int64_t>(), m, V);
+        u.data_ptr<float>(), e.data_ptr<float>(), point.data_ptr<uint8_t>(), choice.data_ptr<int64_t>(),
+        token.data_ptr<int64_t>(), m, V);
   }
   return {choice, token};
 }

@@ -242,14 +242,16 @@ def cuda(p, q, draft, u, e):
     return tokens, n
 
 
-def check_tree_inputs(p, q, candidates, u, e):
+def check_tree_inputs(p, q, candidates, u, e, point):
     """Raise SamplerError unless the inputs follow the tree contract (see tree_sample)."""
     if p.dim() != 2 or candidates.dim() != 2:
         raise SamplerError("expected p [R,V] and candidates [R,m]")
     R, V = p.shape
-    if (q is not None and q.shape != (R, V)) or candidates.shape[0] != R or u.shape != candidates.shape or e.shape != (V,):
+    if ((q is not None and q.shape != (R, V)) or candidates.shape[0] != R or u.shape != candidates.shape
+            or e.shape != (V,) or (point is not None and point.shape != candidates.shape)):
         raise SamplerError(f"shapes disagree: p {tuple(p.shape)}, q {None if q is None else tuple(q.shape)}, "
-                           f"candidates {tuple(candidates.shape)}, u {tuple(u.shape)}, e {tuple(e.shape)}")
+                           f"candidates {tuple(candidates.shape)}, u {tuple(u.shape)}, e {tuple(e.shape)}, "
+                           f"point {None if point is None else tuple(point.shape)}")
     if candidates.numel() and (candidates.min() < -1 or candidates.max() >= V):
         raise SamplerError(f"candidate token ids must lie in [0, {V}) (or -1 for none)")
     for name, x in (("target", p), ("draft", q)):
@@ -259,28 +261,35 @@ def check_tree_inputs(p, q, candidates, u, e):
             raise SamplerError(f"negative {name} probabilities")
 
 
-def tree_sample(p, q, candidates, u, e, impl="auto"):
+def tree_sample(p, q, candidates, u, e, point=None, impl="auto"):
     """SpecInfer's multi-round rejection sampling at R nodes of a token tree (one row each).
 
     Row i is one node: p [R, V] the target's probabilities there; candidates [R, m] the
-    child tokens the draft proposed, in the order they were made (-1 pads); q [R, V] the
-    draft distribution they were drawn from i.i.d., or q = None when they were chosen
-    deterministically (top-k: each is then a point mass); u [R, m] uniforms; e [V]
-    exponentials, shared by the rows (a step emits the residual draw of one node only).
+    child tokens proposed, in the order they were made (-1 pads); q [R, V] the draft
+    distribution the drawn ones were drawn from i.i.d.; point [R, m] (bool) marks the
+    candidates that are point masses instead, chosen deterministically (top-k picks,
+    lookup tokens): proposed with probability 1. q = None: every candidate is a point mass
+    (point is then not needed). u [R, m] uniforms; e [V] exponentials, shared by the rows
+    (a step emits the residual draw of one node only).
 
-    For j = 1..m, with r the current residual (r = p at first) and z = sum(r): accept c_j
-    with probability min(1, r(c_j) / (z q(c_j))), i.e. when u_j q(c_j) z < r(c_j) (q = 1 for
-    a point mass); on rejection r <- max(0, r / z - q), or r with r(c_j) = 0 for a point
-    mass (unless that leaves nothing, when p == q up to rounding). If all are rejected, the
-    token is drawn from r by the exponential race. Either way it is distributed exactly as p.
-    z is summed in float64, so every implementation takes the same decisions.
+    Every round uses its own candidate's proposal, which keeps a mix exact. For j = 1..m,
+    with r the current residual (r = p at first) and z = sum(r):
+      drawn c_j:  accept with probability min(1, r(c_j) / (z q(c_j))), i.e. when
+                  u_j q(c_j) z < r(c_j); on rejection r <- max(0, r / z - q);
+      point c_j:  the same with q = the point mass on c_j: accept when u_j z < r(c_j); on
+                  rejection r <- r with r(c_j) = 0;
+    a step that would leave nothing is skipped (p == q up to rounding). If all are rejected,
+    the token is drawn from r by the exponential race. Either way it is distributed exactly
+    as p. z is summed in float64, so every implementation takes the same decisions.
 
     Returns choice [R] (j of the accepted candidate, or -1) and token [R] (c_j, or the draw)."""
-    check_tree_inputs(p, q, candidates, u, e)
-    return TREE_IMPLEMENTATIONS[default_impl(p) if impl == "auto" else impl](p, q, candidates, u, e)
+    check_tree_inputs(p, q, candidates, u, e, point)
+    if q is None or point is None:
+        point = torch.full(candidates.shape, q is None, dtype=torch.bool, device=p.device)
+    return TREE_IMPLEMENTATIONS[default_impl(p) if impl == "auto" else impl](p, q, candidates, u, e, point)
 
 
-def tree_reference(p, q, candidates, u, e):
+def tree_reference(p, q, candidates, u, e, point):
     """The loop, node by node and candidate by candidate."""
     R, m = candidates.shape
     choice = torch.full((R,), -1, dtype=torch.long, device=p.device)
@@ -291,15 +300,15 @@ def tree_reference(p, q, candidates, u, e):
             if x < 0:
                 break
             z = r.sum(dtype=torch.float64).float()
-            qx = q[i, x].float() if q is not None else 1.0
+            qx = 1.0 if point[i, j] else q[i, x].float()
             if u[i, j] * qx * z < r[x]:
                 choice[i], token[i] = j, x
                 break
-            if q is not None:
-                nxt = (r / z - q[i].float()).clamp_min(0)
-            else:
+            if point[i, j]:
                 nxt = r.clone()
                 nxt[x] = 0.0
+            else:
+                nxt = (r / z - q[i].float()).clamp_min(0)
             if (nxt > 0).any():
                 r = nxt
         if choice[i] < 0:
@@ -307,7 +316,7 @@ def tree_reference(p, q, candidates, u, e):
     return choice, token
 
 
-def tree_vectorised(p, q, candidates, u, e):
+def tree_vectorised(p, q, candidates, u, e, point):
     """The same decisions for all nodes at once: a loop over the m candidate rounds only,
     each on the rows still undecided."""
     R, m = candidates.shape
@@ -318,17 +327,17 @@ def tree_vectorised(p, q, candidates, u, e):
         o = o[candidates[o, j] >= 0]
         if len(o) == 0:
             break
-        x = candidates[o, j]
+        x, pt = candidates[o, j], point[o, j]
         z = r[o].sum(-1, dtype=torch.float64).float()
-        qx = q[o, x].float() if q is not None else torch.ones(len(o), device=p.device)
+        qx = torch.ones(len(o), device=p.device) if q is None else torch.where(pt, 1.0, q[o, x].float())
         accept = u[o, j] * qx * z < r[o, x]
         choice[o[accept]] = j
-        o, x, z = o[~accept], x[~accept], z[~accept]
-        if q is not None:
-            nxt = (r[o] / z[:, None] - q[o].float()).clamp_min(0)
-        else:
-            nxt = r[o]                                     # (a copy: advanced indexing)
-            nxt[torch.arange(len(o), device=p.device), x] = 0.0
+        o, x, z, pt = o[~accept], x[~accept], z[~accept], pt[~accept]
+        nxt = r[o]                                         # (a copy: advanced indexing)
+        if q is not None and not pt.all():
+            nxt = torch.where(pt[:, None], nxt, (nxt / z[:, None] - q[o].float()).clamp_min(0))
+        zero = torch.arange(len(o), device=p.device)[pt]
+        nxt[zero, x[pt]] = 0.0
         left = nxt.amax(-1) > 0                           # (r >= 0: cheaper than any(nxt > 0))
         r[o[left]] = nxt[left]
     rejected = choice < 0
@@ -338,14 +347,14 @@ def tree_vectorised(p, q, candidates, u, e):
     return choice, token
 
 
-def tree_cuda(p, q, candidates, u, e):
+def tree_cuda(p, q, candidates, u, e, point):
     """sampler.cu's tree kernel: one block per node, float64 block sums, warp-shuffle argmax."""
     ext = cuda_extension()
     if ext is None or not p.is_cuda:
         raise SamplerError("the cuda sampler needs a CUDA device and the compiled kernel")
     q = q.contiguous() if q is not None else torch.empty(0, dtype=p.dtype, device=p.device)
     return ext.tree_sample(p.contiguous(), q, candidates.contiguous(), u.float().contiguous(), e.float().contiguous(),
-                           torch.cuda.current_stream().cuda_stream)
+                           point.to(torch.uint8).contiguous(), torch.cuda.current_stream().cuda_stream)
 
 
 IMPLEMENTATIONS = {"reference": reference, "torch": vectorised, "cuda": cuda}

@@ -84,6 +84,7 @@ class Stats:
     draft_passes: int = 0
     drafted: int = 0             # tokens the target checked: K per chain step, nodes per tree
     accepted: int = 0            # draft tokens the target kept
+    from_lookup: int = 0         # tree: of those, tokens only the lookup proposed
     t_draft: float = 0.0
     t_target: float = 0.0
     t_sample: float = 0.0
@@ -112,7 +113,8 @@ class Stats:
                   f" / sampling {self.t_sample:.2f} s / other {other:.2f} s")
         if self.mode == "tree":
             s += (f", mean tree {self.drafted / max(1, self.target_passes):.1f} nodes, mean accepted depth "
-                  f"{sum(self.ks) / max(1, len(self.ks)):.2f}")
+                  f"{sum(self.ks) / max(1, len(self.ks)):.2f}, accepted from lookup {self.from_lookup} / "
+                  f"from the draft {self.accepted - self.from_lookup}")
         if self.mode == "chain" and self.ks:
             s += f", mean K {sum(self.ks) / len(self.ks):.1f}"
         if self.plain_steps:
@@ -284,13 +286,14 @@ def exponentials(opts):
 def decode_tree(target, draft, tokens, opts, stats):
     """Grow a token tree with the draft, verify it in one target pass, keep the accepted path."""
     sizer = tree.AutoSize() if opts.tree_size == "auto" else None
+    lookup = tree.Lookup() if opts.lookup == "auto" else None
     coupled = opts.verify == "coupled"
 
     def step():
         start, warm = len(tokens), target.length > 0
         with Timer(stats, "t_draft", draft.device):
             t = tree.grow(draft, tokens, opts.settings, opts.vocab, opts.generator, opts.budget, sizer,
-                          races=opts.races if coupled else None)
+                          races=opts.races if coupled else None, lookup=lookup)
         with Timer(stats, "t_target", target.device) as timer:
             logits = tree.score(target, tokens, t)[0, :, :opts.vocab]
         if sizer and warm:
@@ -304,10 +307,13 @@ def decode_tree(target, draft, tokens, opts, stats):
         tree.compact(target, draft, start, t, path)
         if sizer:
             sizer.observe(t, len(path))
+        if lookup:
+            lookup.observe(t, path)
         stats.target_passes += 1
         stats.draft_passes += t.levels
         stats.drafted += len(t.tokens)
         stats.accepted += len(path)
+        stats.from_lookup += sum(t.sources[i] == "lookup" for i in path)
         stats.ks.append(len(path))
         if opts.on_tree:
             opts.on_tree(t, path, new)
@@ -329,6 +335,7 @@ class Options:
     budget: tree.Budget = field(default_factory=tree.Budget)
     tree_size: str = "auto"                 # tree: "auto" (AutoSize) or "fixed" (fill the budgets)
     verify: str = "coupled"                 # "coupled" (a seed reproduces ar's sample) or "rejection"
+    lookup: str = "auto"                    # tree: "auto" (lookup candidates where they pay) or "off"
     on_tree: object = None                  # callback(tree, accepted path, emitted token) per step
     vocab: int = 0                          # set by generate: the shared tokenizer's size
     device: object = "cpu"
@@ -349,14 +356,17 @@ class Options:
             raise SpecError(f"k must be a whole number >= 1 or 'auto', got {self.k!r}")
         if self.tree_size not in ("auto", "fixed"):
             raise SpecError(f"tree_size must be 'auto' or 'fixed', got {self.tree_size!r}")
+        if self.lookup not in ("auto", "off"):
+            raise SpecError(f"lookup must be 'auto' or 'off', got {self.lookup!r}")
         if self.verify not in ("coupled", "rejection"):
             raise SpecError(f"verify must be 'coupled' or 'rejection', got {self.verify!r}")
         b = self.budget
         for name in ("max_depth", "max_nodes_per_level", "max_total_nodes", "branch"):
             if not whole(getattr(b, name)) or getattr(b, name) < 1:
                 raise SpecError(f"{name.replace('_', '-')} must be a whole number >= 1, got {getattr(b, name)!r}")
-        if b.branch > 16:
-            raise SpecError("branch must be at most 16 (the CUDA tree sampler's limit)")
+        if b.branch > 15:
+            raise SpecError("branch must be at most 15 (the CUDA tree sampler takes 16 candidates a node, "
+                            "one of them a lookup token)")
         if not finite(b.max_time) or b.max_time <= 0:
             raise SpecError(f"max-time must be a finite number of seconds > 0, got {b.max_time!r}")
         if b.prune not in ("best", "random") or b.children not in ("auto", "top-k", "sample"):
@@ -522,6 +532,9 @@ def parse_args(argv):
     p.add_argument("--verify", choices=("coupled", "rejection"), default="coupled",
                    help="coupled: position t races with exponentials from (seed, t), so a seed gives ar's text in "
                         "every mode; rejection: rejection sampling (accepts slightly more, text varies with the draft)")
+    p.add_argument("--lookup", choices=("auto", "off"), default="auto",
+                   help="tree: also propose what followed the last few tokens where they occurred before in the "
+                        "prompt or output (no draft cost; auto: where the cost model expects gain)")
     p.add_argument("--children", choices=("auto", "top-k", "sample"), default="auto",
                    help="tree, --verify rejection: top-k candidates or i.i.d. draws (auto: draws when temperature > 0)")
     p.add_argument("--viz", metavar="PNG", help="tree: draw the step with the most nodes")
@@ -571,7 +584,7 @@ def main(argv=None):
     text, stats = speculative_decode(
         prompt, target=a.target, draft=a.draft, chat=not a.raw, device=a.device, dtype=getattr(torch, a.dtype),
         draft_quant=a.draft_quant, on_text=lambda s: print(s, end="", flush=True), mode=a.mode, max_new_tokens=a.max_new_tokens,
-        k=a.k, tree_size=a.tree, verify=a.verify, budget=budget, on_tree=on_tree,
+        k=a.k, tree_size=a.tree, verify=a.verify, lookup=a.lookup, budget=budget, on_tree=on_tree,
         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     print()
     print(stats.line(), file=sys.stderr)

@@ -309,6 +309,27 @@ def test_plain_steps_between_speculative_ones_keep_the_output(pair, monkeypatch)
     assert min(accepted.values()) > 0
 
 
+def test_lookup_proposes_what_followed_the_latest_earlier_occurrence():
+    lookup = tree.Lookup(most=3)
+    assert lookup.continuation([1, 2, 3, 4, 9, 1, 2, 3]) == [4, 9, 1]          # the longest suffix that recurs: 3
+    assert lookup.continuation([1, 2, 9, 1, 2, 8, 1, 2]) == [8, 1, 2]          # the latest occurrence, not the first
+    assert lookup.continuation([1, 2, 3]) == []
+
+
+def test_lookup_tokens_keep_greedy_exact_and_are_accepted(pair):
+    """With lookup candidates and chains in the tree (prompt [3, 1, 3]: the tiny target soon
+    repeats itself), greedy output is still the target's; some accepted tokens came from
+    the lookup alone; with --lookup off none do."""
+    target, draft = pair
+    want, _ = run(target, None, [3, 1, 3], "ar", max_new_tokens=40)
+    budget = tree.Budget(max_total_nodes=40)
+    for size in ("auto", "fixed"):
+        out, stats = run(target, draft, [3, 1, 3], "tree", tree_size=size, budget=budget, max_new_tokens=40)
+        assert out == want and (stats.from_lookup > 0 or size == "auto")
+    out, stats = run(target, draft, [3, 1, 3], "tree", tree_size="fixed", budget=budget, max_new_tokens=40, lookup="off")
+    assert out == want and stats.from_lookup == 0
+
+
 def test_one_node_tree_is_autoregressive(pair):
     target, draft = pair
     want, _ = run(target, None, [4, 2], "ar", max_new_tokens=12)
@@ -396,20 +417,26 @@ def test_sampler_implementations_agree():
 
 def random_tree_case(R, m, V, g, dtype, kind):
     """Inputs of sampler.tree_sample: 'drawn' candidates from q, 'top-k' point masses,
-    'greedy' one-hot p over point masses, 'equal' q == p (residuals empty out); random -1 padding."""
+    'greedy' one-hot p over point masses, 'equal' q == p (residuals empty out), 'mixed' draws
+    from q with point masses (lookup tokens) among them; random -1 padding."""
     p = torch.softmax(3 * torch.randn(R, V, generator=g), -1)
     q = torch.softmax(3 * torch.randn(R, V, generator=g), -1) if kind != "equal" else p.clone()
     if kind == "greedy":
         p = torch.zeros(R, V).scatter_(1, p.argmax(-1, keepdim=True), 1.0)
-    if kind in ("drawn", "equal"):
+    drawn = kind in ("drawn", "equal", "mixed")
+    if drawn:
         candidates = sampler.draw(q[:, None].expand(R, m, V), torch.empty(R, m, V).exponential_(generator=g))
     else:
         candidates = q.topk(min(m, V), -1).indices
+    point = torch.rand(candidates.shape, generator=g) < 0.4 if kind == "mixed" else ~torch.tensor(drawn).expand(
+        candidates.shape)
+    if kind == "mixed":                            # a point mass on a token p likes (as a good lookup would)
+        candidates = torch.where(point, sampler.draw(p[:, None].expand(R, m, V), torch.ones(R, m, V)), candidates)
     lengths = torch.randint(0, m + 1, (R, 1), generator=g)
     candidates = torch.where(torch.arange(candidates.shape[1]) < lengths, candidates, -1)
     u = torch.rand(candidates.shape, generator=g)
     e = torch.empty(V).exponential_(generator=g)
-    return p.to(dtype), (q.to(dtype) if kind in ("drawn", "equal") else None), candidates, u, e
+    return p.to(dtype), (q.to(dtype) if drawn else None), candidates, u, e, point.contiguous()
 
 
 def test_tree_sampler_implementations_agree():
@@ -420,7 +447,7 @@ def test_tree_sampler_implementations_agree():
         for m in (1, 3, 4):
             for V in (7, 64, 1000, 151936):
                 for dtype in (torch.float32, torch.bfloat16):
-                    for kind in ("drawn", "top-k", "greedy", "equal"):
+                    for kind in ("drawn", "top-k", "greedy", "equal", "mixed"):
                         inputs = random_tree_case(R, m, V, g, dtype, kind)
                         outs = []
                         for i in impls:
@@ -430,13 +457,14 @@ def test_tree_sampler_implementations_agree():
                         for choice, token in outs[1:]:
                             assert torch.equal(choice, outs[0][0]) and torch.equal(token, outs[0][1])
                         cases += 1
-    assert cases == 288
+    assert cases == 360
     p = torch.softmax(torch.randn(3, 50, generator=g), -1)             # no candidates at all (m = 0): a draw from p
     e = torch.empty(50).exponential_(generator=g)
     for i in impls:
         device = "cuda" if i == "cuda" else "cpu"
-        choice, token = sampler.TREE_IMPLEMENTATIONS[i](p.to(device), None, torch.empty(3, 0, dtype=torch.long,
-                                                        device=device), torch.empty(3, 0, device=device), e.to(device))
+        nothing = torch.empty(3, 0, dtype=torch.long, device=device)
+        choice, token = sampler.TREE_IMPLEMENTATIONS[i](p.to(device), None, nothing, torch.empty(3, 0, device=device),
+                                                        e.to(device), nothing.bool())
         assert (choice.cpu() == -1).all() and torch.equal(token.cpu(), sampler.draw(p, e))
 
 
@@ -465,19 +493,21 @@ def test_sampler_refuses_bad_input(bad):
         sampler.rejection_sample(p, q, draft, u, e)
 
 
-@pytest.mark.parametrize("bad", ["nan", "negative", "id", "shape"])
+@pytest.mark.parametrize("bad", ["nan", "negative", "id", "shape", "point"])
 def test_tree_sampler_refuses_bad_input(bad):
-    p, q, candidates, u, e = random_tree_case(3, 2, 10, torch.Generator().manual_seed(0), torch.float32, "drawn")
+    p, q, candidates, u, e, point = random_tree_case(3, 2, 10, torch.Generator().manual_seed(0), torch.float32, "mixed")
     if bad == "nan":
         p[0, 0] = float("nan")
     elif bad == "negative":
         q[1, 1] = -0.1
     elif bad == "id":
         candidates[0, 0] = 10
-    else:
+    elif bad == "shape":
         e = e[:5]
+    else:
+        point = point[:, :1]
     with pytest.raises(sampler.SamplerError):
-        sampler.tree_sample(p, q, candidates, u, e)
+        sampler.tree_sample(p, q, candidates, u, e, point)
 
 
 def total_variation(counts, probs):
@@ -538,28 +568,31 @@ def test_chain_sampling_is_exactly_the_target_distribution():
 
 def small_tree(children, g, V=8):
     """Root candidates (3, drawn i.i.d. from q1 or its top 3), each kept once; under each kept
-    node 2 pruned candidates (never scored, still verified), drawn from q2(.|x1) or its top 2."""
+    node 2 pruned candidates (never scored, still verified), drawn from q2(.|x1) or its top 2.
+    'mixed': drawn ones with a lookup token first at each node, a point mass on a token the
+    draft rarely proposes (so treating it as a draw from q would over-accept it)."""
     p1, q1, p2, q2 = chain_distributions(V)
-    drawn = children == "sample"
+    drawn, mixed = children in ("sample", "mixed"), children == "mixed"
     exp = lambda n: torch.empty(n, V).exponential_(generator=g)
     t = tree.Tree()
-    t.candidates[-1] = []
     if drawn:
         t.dists[-1] = q1
-    for c in (sampler.draw(q1.expand(3, V), exp(3)) if drawn else q1.topk(3).indices).tolist():
-        node = -1 if c in t.tokens else len(t.tokens)
-        if node >= 0:
-            t.tokens.append(c), t.parents.append(-1), t.depths.append(1)
-        t.candidates[-1].append([c, node, 0, 0])
+    made = [tree.Candidate(c, 0, 0, point=not drawn)
+            for c in (sampler.draw(q1.expand(3, V), exp(3)) if drawn else q1.topk(3).indices).tolist()]
+    t.candidates[-1] = [tree.Candidate(int(q1.argmin()), 0, 0, source="lookup")] * mixed + made
+    for c in t.candidates[-1]:
+        if c.token not in t.tokens:
+            t.add(-1, c, 1)
     for i, c in enumerate(list(t.tokens)):
         grand = sampler.draw(q2[c].expand(2, V), exp(2)) if drawn else q2[c].topk(2).indices
-        t.candidates[i] = [[x, -1, 0, 0] for x in grand.tolist()]
+        t.candidates[i] = [tree.Candidate(int(q2[c].argmin()), 0, 0, source="lookup")] * mixed + [
+            tree.Candidate(x, 0, 0, point=not drawn) for x in grand.tolist()]
         if drawn:
             t.dists[i] = q2[c]
     return t, torch.stack([p1] + [p2[c] for c in t.tokens])
 
 
-def wrong_tree_sample(p, q, candidates, u, e):
+def wrong_tree_sample(p, q, candidates, u, e, point):
     """A wrong scheme: accept by the target/draft ratio but never update the residual."""
     R, m = candidates.shape
     choice, token = torch.full((R,), -1), sampler.draw(p, e)
@@ -571,15 +604,21 @@ def wrong_tree_sample(p, q, candidates, u, e):
     return choice, token
 
 
-@pytest.mark.parametrize("children", ["sample", "top-k"])
+def point_as_drawn(p, q, candidates, u, e, point):
+    """A wrong mixed rule: every candidate verified as if drawn from q, point masses included."""
+    return sampler.tree_vectorised(p, q, candidates, u, e, torch.zeros_like(point))
+
+
+@pytest.mark.parametrize("children", ["sample", "top-k", "mixed"])
 def test_tree_sampling_is_exactly_the_target_distribution(children, monkeypatch):
     """Trees verified against the target's exact distributions, 40k runs (drawn trees redrawn
     every run): the first emitted token follows p(x1), the second (when the step emits two)
-    p(x2 | x1). Tolerance: 40k runs over 8 cells give total-variation noise about 0.006."""
+    p(x2 | x1). Tolerance: 40k runs over 8 cells give total-variation noise about 0.006.
+    The wrong schemes (no residual update; a lookup token taken for a draw) fail it."""
     V, n = 8, 40_000
     p1, q1, p2, q2 = chain_distributions(V)
 
-    def histogram():
+    def histogram(n):
         g = torch.Generator().manual_seed(5)
         first, second = torch.zeros(V), torch.zeros(V, V)
         for _ in range(n):
@@ -590,14 +629,14 @@ def test_tree_sampling_is_exactly_the_target_distribution(children, monkeypatch)
             if len(seq) > 1:
                 second[seq[0], seq[1]] += 1
         return first, second
-    first, second = histogram()
+    first, second = histogram(n)
     assert total_variation(first, p1) < 0.02
     for a in range(V):
         if second[a].sum() > 2000:
             assert total_variation(second[a], p2[a]) < 0.05
-    monkeypatch.setitem(sampler.TREE_IMPLEMENTATIONS, "torch", wrong_tree_sample)
-    first, _ = histogram()
-    assert total_variation(first, p1) > 0.05
+    monkeypatch.setitem(sampler.TREE_IMPLEMENTATIONS, "torch", point_as_drawn if children == "mixed" else wrong_tree_sample)
+    first, _ = histogram(n // 8)                     # they land at 0.2-0.9 (5k runs: noise about 0.02)
+    assert total_variation(first, p1) > 0.1
 
 
 def coupled_tree(g, V=8):
@@ -609,10 +648,10 @@ def coupled_tree(g, V=8):
     t = tree.Tree()
     t.candidates[-1] = []
     for c in tree.children(q1, 3, False, e[0]):
-        t.candidates[-1].append([c, len(t.tokens), 0, 0])
+        t.candidates[-1].append(tree.Candidate(c, 0, 0, node=len(t.tokens)))
         t.tokens.append(c), t.parents.append(-1), t.depths.append(1)
     for i, c in enumerate(list(t.tokens)):
-        t.candidates[i] = [[x, -1, 0, 0] for x in tree.children(q2[c], 2, False, e[1])]
+        t.candidates[i] = [tree.Candidate(x, 0, 0) for x in tree.children(q2[c], 2, False, e[1])]
     return t, torch.stack([p1] + [p2[c] for c in t.tokens]), e
 
 
@@ -648,7 +687,7 @@ def test_sampled_decoding_loop_follows_the_target(pair, mode, verify):
     """The whole loop (drafting, verification, cache rollback) with sampling: the second token's
     distribution given the first, over 1500 seeded runs, against the target's own."""
     target, draft = pair
-    prompt, counts = [3, 1], torch.zeros(16, 16)
+    prompt, counts = [3, 1, 3], torch.zeros(16, 16)      # (a tree's lookup proposes 1, 3: point masses)
     for seed in range(1500):
         out, _ = run(target, draft, prompt, mode, temperature=1.0, seed=seed, max_new_tokens=2, k=2, verify=verify,
                      budget=tree.Budget(max_depth=2, branch=2, max_nodes_per_level=3), tree_size="fixed")
@@ -708,7 +747,7 @@ def test_tree_picture(tmp_path, pair):
     nodes, pruned, statuses = tree.draw(t, path, new, None, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert nodes == len(t.tokens) and statuses.count("accepted") == len(path)
-    assert pruned == sum(c[1] < 0 for cs in t.candidates.values() for c in cs)
+    assert pruned == sum(c.node < 0 for cs in t.candidates.values() for c in cs)
     assert statuses.count("rejected") == sum(1 for i, par in enumerate(t.parents) if par in {-1, *path} and i not in path)
     gif = tree.draw_all(steps[:3], None, tmp_path / "frames")
     assert gif.is_file() and len(list((tmp_path / "frames").glob("step_*.png"))) == 3
@@ -916,7 +955,7 @@ def test_demo_draft_as_its_own_draft_accepts_every_greedy_node():
     target, draft = sd.load_pair(weights.DEMO_DRAFT, weights.DEMO_DRAFT, "cpu", torch.float32, "none")
     budget, ids, q = tree.Budget(max_depth=4, branch=2, max_nodes_per_level=16), demo_ids(target[1]), []
     out, stats = sd.generate(ids, target, draft, sd.Options(
-        mode="tree", tree_size="fixed", budget=budget, max_new_tokens=20,
+        mode="tree", tree_size="fixed", budget=budget, max_new_tokens=20, lookup="off",
         on_tree=lambda t, path, new: q.extend([t.q[i] for i in path] + [None])))
     assert len(out) == 20 and stats.ks == [4] * len(stats.ks)
     target[0].setup_cache(len(ids) + len(out))

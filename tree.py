@@ -8,6 +8,9 @@ Grow (level by level, ONE draft forward per level over the whole frontier):
     and the best-scoring candidates of the level are kept (or random ones, as in the tree
     paper), within max_nodes_per_level, max_total_nodes, max_depth and max_time. The rest
     are pruned: never fed to a model, but kept in the picture and in verification.
+    Lookup (`Lookup`): the tokens that followed the latest earlier occurrence of the
+    context's last few tokens join the levels as point-mass candidates, and the rest of
+    that continuation may hang below the tree as a chain no draft forward ever sees.
 Score: ONE target forward over the root and every kept node, with a tree attention mask
     (a node sees the prefix, its ancestors and itself) and position = prefix length + depth.
 Verify: walk down from the root. At each node, sampler.tree_sample runs SpecInfer's
@@ -50,15 +53,31 @@ class Budget:
 
 
 @dataclass
+class Candidate:
+    """A proposed child of a tree node. q: the draft's probability of the token given the
+    parent (nan where the draft never saw the parent); logp: its cumulative log-probability,
+    the score levels are sized by; point: proposed deterministically (a top-k or race pick,
+    a lookup token) rather than drawn from the parent's q; source: "draft", "lookup" or
+    "both"; node: the kept node it became (-1: pruned)."""
+    token: int
+    q: float
+    logp: float
+    point: bool = True
+    source: str = "draft"
+    node: int = -1
+
+
+@dataclass
 class Tree:
     """Kept nodes 0..N-1 in level order (their KV slots follow the prefix in this order)."""
     tokens: list = field(default_factory=list)
     parents: list = field(default_factory=list)     # -1 = the root (the last prefix token)
     depths: list = field(default_factory=list)
     q: list = field(default_factory=list)           # draft probability of the node's token
-    logp: list = field(default_factory=list)        # cumulative draft log-probability
-    candidates: dict = field(default_factory=dict)  # node (-1 = root) -> [(token, child node or -1, q, logp)]
-    dists: dict = field(default_factory=dict)       # node -> q_f its candidates were drawn from (only when drawn)
+    logp: list = field(default_factory=list)        # cumulative log-probability (sizing score)
+    sources: list = field(default_factory=list)     # "draft", "lookup" or "both"
+    candidates: dict = field(default_factory=dict)  # node (-1 = the root) -> [Candidate], in the order made
+    dists: dict = field(default_factory=dict)       # node -> q_f its drawn candidates came from
     levels: int = 0                                  # draft forwards spent growing
 
     def ancestors(self):
@@ -69,6 +88,50 @@ class Tree:
             if par >= 0:
                 anc[i] |= anc[par]
         return anc
+
+    def add(self, parent, c: Candidate, depth):
+        """Keep candidate c as a new node, and point its copies under the same parent to it."""
+        c.node = len(self.tokens)
+        for other in self.candidates.get(parent, []):
+            if other.token == c.token:
+                other.node = c.node
+        self.tokens.append(c.token)
+        self.parents.append(parent)
+        self.depths.append(depth)
+        self.q.append(c.q)
+        self.logp.append(c.logp)
+        self.sources.append(c.source)
+
+
+class Lookup:
+    """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's
+    last n tokens (n = 4 down to 1) are proposed as point masses, at no draft cost. `rate`
+    estimates P(a lookup token is accepted | its parent was): accepted / reached over the
+    recent steps (each step's counts decay by 0.9, so about the last 10 steps count), from
+    a prior of 1 in 2."""
+
+    def __init__(self, n=4, most=64):
+        self.n, self.most, self.reached, self.accepted = n, most, 2.0, 1.0
+
+    def continuation(self, tokens):
+        for n in range(min(self.n, len(tokens) - 1), 0, -1):
+            tail = tokens[-n:]
+            for i in range(len(tokens) - n - 1, -1, -1):
+                if tokens[i:i + n] == tail:
+                    return tokens[i + n:i + n + self.most]
+        return []
+
+    @property
+    def rate(self):
+        return self.accepted / self.reached
+
+    def observe(self, t: Tree, path):
+        reached, accepted = {-1} | set(path), set(path)
+        self.reached, self.accepted = 0.9 * self.reached, 0.9 * self.accepted
+        for i, source in enumerate(t.sources):
+            if source != "draft" and t.parents[i] in reached:
+                self.reached += 1
+                self.accepted += i in accepted
 
 
 class Costs:
@@ -113,7 +176,7 @@ class AutoSize:
     """Sizes each tree for expected tokens per second (see the module docstring)."""
 
     def __init__(self):
-        self.costs, self.calibration = Costs(), 0.8
+        self.costs, self.calibration, self.deeper_rate = Costs(), 0.8, 0.0
 
     def rate(self, gain, drafting, nodes):
         return (1 + self.calibration * gain) / (drafting + self.costs.target_pass(nodes + 1))
@@ -124,8 +187,8 @@ class AutoSize:
         return self.costs.draft_pass(1) + sum(self.costs.draft_pass(w) for w in widths)
 
     def keep(self, scores, q, t):
-        """How many of the level's candidates (probabilities exp(logp), best first; q: the
-        draft's probability of each given its parent) to keep, and whether a further level is
+        """How many of the level's candidates (probabilities exp(logp), best first; q: each
+        one's probability given its parent, the draft's or the lookup's rate) to keep, and whether a further level is
         expected to pay for its draft forward over them. That level is priced as one more draft
         pass and two children per kept node, and expected to be accepted as often as the best
         candidate here was proposed: its q, not its cumulative probability, which shrinks with
@@ -139,13 +202,28 @@ class AutoSize:
             if r > best:
                 best_m, best = m, r
         kept = sum(scores[:best_m])
-        deeper = self.rate(gain + kept + kept * (q[0] if q else 0), drafting + self.costs.draft_pass(best_m),
-                           len(t.tokens) + 2 * best_m) > best
+        self.deeper_rate = self.rate(gain + kept + kept * (q[0] if q else 0), drafting + self.costs.draft_pass(best_m),
+                                     len(t.tokens) + 2 * best_m)
+        deeper = self.deeper_rate > best
         sizes = self.costs.target_sizes()
         if len(sizes) < 2 and scores:    # a probe: until two sizes are timed, width's price is a guess (fit)
             best_m = max(best_m, 1)
             deeper = deeper or len(t.tokens) + best_m + 1 in sizes
         return best_m, deeper
+
+    def chain(self, t, tip, rate, most):
+        """How many lookup tokens (at most `most`) to hang below node `tip` with no draft
+        forward, and the expected tokens per second then: the j-th is accepted with the
+        probability of reaching the tip times rate^j, and costs one more target token."""
+        gain, drafting, n = sum(math.exp(x) for x in t.logp), self.drafting(t), len(t.tokens)
+        best_j, best, reach = 0, self.rate(gain, drafting, n), math.exp(t.logp[tip])
+        for j in range(1, most + 1):
+            reach *= rate
+            gain += reach
+            r = self.rate(gain, drafting, n + j)
+            if r > best:
+                best_j, best = j, r
+        return best_j, best
 
     def observe(self, t, accepted):
         predicted = sum(math.exp(x) for x in t.logp)
@@ -162,71 +240,151 @@ def children(q, branch, drawn, e):
     return (q / e if e is not None else q).topk(min(branch, int((q > 0).sum()))).indices.tolist()
 
 
-def grow(draft, tokens, settings, vocab, generator, budget: Budget, sizer: AutoSize | None = None, races=None):
-    """A token tree from the draft after `tokens` (the last token is the root). races
-    (sampler.Races, coupled verification): children are the best of the draft's race at
-    their position, instead of i.i.d. draws or the top of q."""
+@dataclass
+class Growth:
+    """What one tree's growth needs besides the tree: how candidates are made, and the lookup
+    continuation with the deepest kept node on its path (tip; -1 = the root)."""
+    settings: object
+    budget: Budget
+    vocab: int
+    generator: object
+    races: object
+    drawn: bool
+    prefix: int
+    guess: list
+    rate: float
+    tip: int = -1
+
+
+def grow(draft, tokens, settings, vocab, generator, budget: Budget, sizer: AutoSize | None = None, races=None,
+         lookup: Lookup | None = None):
+    """A token tree from the draft after `tokens` (the last token is the root): level by level,
+    expand the frontier into candidates, choose the ones to keep, and feed them to the draft.
+    races (sampler.Races, coupled verification): children are the best of the draft's race at
+    their position instead of i.i.d. draws or the top of q. lookup: its continuation joins
+    the candidates level by level, and then hangs below the tree as a chain with no draft
+    forward, as long as the cost model (or the budgets) allow."""
     t0 = time.perf_counter()
     t = Tree()
     drawn = races is None and (budget.children == "sample" or (budget.children == "auto" and settings.temperature > 0))
-    # drawn children need the exact q they are drawn from; top-k children are point masses,
-    # so any q may rank them: greedy ranks by the plain softmax, not by its one-hot argmax
-    dist = lambda logits: settings.probs(logits) if drawn or settings.temperature > 0 else sampler.probs(logits)
+    g = Growth(settings, budget, vocab, generator, races, drawn, len(tokens),
+               lookup.continuation(tokens) if lookup else [], lookup.rate if lookup else 0.0)
     new, warm = tokens[draft.length:], draft.length > 0    # the first tree's root pass holds the prompt
-    q_frontier = dist(draft(torch.tensor([new], device=draft.device), last=1)[0, :, :vocab])
-    prefix, frontier, t.levels = len(tokens), [-1], 1
+    q_frontier = distribution(g, draft(torch.tensor([new], device=draft.device), last=1)[0, :, :vocab])
+    frontier, t.levels = [-1], 1
     if sizer and warm:
         sizer.costs.add_draft(len(new), time.perf_counter() - t0)
     for depth in range(1, budget.max_depth + 1):
-        unique = []                                   # (parent, candidate); a repeated token is never a new node
-        for f, q in zip(frontier, q_frontier):
-            if drawn:
-                t.dists[f] = q
-            e = (sampler.exponentials(budget.branch, vocab, generator=generator, device=q.device) if drawn
-                 else races.at(prefix + depth - 1)[0] if races else None)
-            base = t.logp[f] if f >= 0 else 0.0
-            t.candidates[f], seen = [], set()
-            for c in children(q, budget.branch, drawn, e):
-                qc = float(q[c])
-                t.candidates[f].append([c, -1, qc, base + math.log(qc)])
-                if c not in seen:
-                    unique.append((f, t.candidates[f][-1]))
-                    seen.add(c)
-        limit = min(budget.max_nodes_per_level, budget.max_total_nodes - len(t.tokens))
-        if budget.prune == "random":
-            chosen = random.Random(len(tokens) * 1000 + depth).sample(unique, min(limit, len(unique)))
-        else:
-            chosen = sorted(unique, key=lambda fc: -fc[1][3])[:limit]
-        deeper = True
-        if sizer:
-            chosen = sorted(chosen, key=lambda fc: -fc[1][3])
-            m, deeper = sizer.keep([math.exp(c[3]) for _, c in chosen], [c[2] for _, c in chosen], t)
-            chosen = chosen[:m]
+        level = expand(t, g, frontier, q_frontier, depth)
+        chosen, deeper = choose(t, g, level, sizer, depth)
         first = len(t.tokens)
         for f, c in chosen:
-            c[1] = len(t.tokens)
-            t.tokens.append(c[0])
-            t.parents.append(f)
-            t.depths.append(depth)
-            t.q.append(c[2])
-            t.logp.append(c[3])
+            t.add(f, c, depth)
+            g.tip = c.node if c.source != "draft" else g.tip
         frontier = list(range(first, len(t.tokens)))
-        stop = (not frontier or depth == budget.max_depth or len(t.tokens) >= budget.max_total_nodes
-                or not deeper or time.perf_counter() - t0 > budget.max_time)
-        if stop:
+        if sizer and deeper and g.tip in frontier:     # the lookup may pay better than another draft level
+            deeper = sizer.chain(t, g.tip, g.rate, chain_room(t, g))[1] < sizer.deeper_rate
+        if (not frontier or depth == budget.max_depth or len(t.tokens) >= budget.max_total_nodes
+                or not deeper or time.perf_counter() - t0 > budget.max_time):
             for f in frontier:
                 t.candidates[f] = []
             break
         t1 = time.perf_counter()
-        anc = t.ancestors()
-        mask = torch.cat((torch.ones(len(frontier), prefix, dtype=torch.bool), anc[first:]), dim=1)
-        positions = torch.tensor([[prefix - 1 + depth] * len(frontier)], device=draft.device)
-        logits = draft(torch.tensor([t.tokens[first:]], device=draft.device), positions, mask.to(draft.device))
-        q_frontier = dist(logits[0, :, :vocab])
-        t.levels += 1
+        q_frontier = feed_level(draft, t, g, first, depth)
         if sizer:
             sizer.costs.add_draft(len(frontier), time.perf_counter() - t1)
+    if g.tip >= 0 and t.candidates[g.tip] == []:       # the lookup reached the last level: go on without the draft
+        hang_lookup(t, g, sizer)
     return t
+
+
+def distribution(g: Growth, logits):
+    """The draft's q over the vocabulary. Drawn children need the exact q they are drawn
+    from; point masses may be ranked by any q, so greedy ranks by the plain softmax, not
+    by its one-hot argmax."""
+    return g.settings.probs(logits) if g.drawn or g.settings.temperature > 0 else sampler.probs(logits)
+
+
+def expand(t: Tree, g: Growth, frontier, q_frontier, depth):
+    """Each frontier node's candidates (kept in t.candidates, for verification), and the
+    level's (parent, candidate) pairs to choose from: one per token and parent. The frontier
+    node on the lookup path also gets the lookup token, first: shared with an equal point-mass
+    draft candidate, or a point mass of its own beside drawn ones (verification takes each
+    with its own proposal). Its score is the larger of its q and the lookup's rate."""
+    level = []
+    for f, q in zip(frontier, q_frontier):
+        base = t.logp[f] if f >= 0 else 0.0
+        if g.drawn:
+            t.dists[f] = q
+            e = sampler.exponentials(g.budget.branch, g.vocab, generator=g.generator, device=q.device)
+        else:
+            e = g.races.at(g.prefix + depth - 1)[0] if g.races else None
+        made = [Candidate(c, float(q[c]), base + math.log(float(q[c])), point=not g.drawn)
+                for c in children(q, g.budget.branch, g.drawn, e)]
+        if f == g.tip and depth <= len(g.guess):
+            x = g.guess[depth - 1]
+            score = base + math.log(max(float(q[x]), g.rate, 1e-30))
+            same = next((c for c in made if c.token == x and c.point), None)
+            if same:
+                same.source, same.logp = "both", score
+            else:
+                source = "both" if any(c.token == x for c in made) else "lookup"
+                made.insert(0, Candidate(x, float(q[x]), score, source=source))
+        t.candidates[f], seen = made, set()
+        for c in made:
+            if c.token not in seen:
+                level.append((f, c))
+                seen.add(c.token)
+    return level
+
+
+def choose(t: Tree, g: Growth, level, sizer, depth):
+    """The candidates of a level to keep, best score first (or random ones, as in the tree
+    paper), within the budgets, and whether to grow another level (AutoSize's call)."""
+    limit = min(g.budget.max_nodes_per_level, g.budget.max_total_nodes - len(t.tokens))
+    if g.budget.prune == "random":
+        chosen = random.Random(g.prefix * 1000 + depth).sample(level, min(limit, len(level)))
+    else:
+        chosen = sorted(level, key=lambda fc: -fc[1].logp)[:limit]
+    if not sizer:
+        return chosen, True
+    chosen = sorted(chosen, key=lambda fc: -fc[1].logp)
+    m, deeper = sizer.keep([math.exp(c.logp) for _, c in chosen],
+                           [math.exp(c.logp - (t.logp[f] if f >= 0 else 0.0)) for f, c in chosen], t)
+    return chosen[:m], deeper
+
+
+def feed_level(draft, t: Tree, g: Growth, first, depth):
+    """ONE draft forward over the level's new nodes (t.tokens[first:]), each seeing the prefix
+    and its ancestors at position prefix - 1 + depth; their q."""
+    anc = t.ancestors()
+    n = len(t.tokens) - first
+    mask = torch.cat((torch.ones(n, g.prefix, dtype=torch.bool), anc[first:]), dim=1)
+    positions = torch.tensor([[g.prefix - 1 + depth] * n], device=draft.device)
+    logits = draft(torch.tensor([t.tokens[first:]], device=draft.device), positions, mask.to(draft.device))
+    t.levels += 1
+    return distribution(g, logits[0, :, :g.vocab])
+
+
+def chain_room(t: Tree, g: Growth):
+    """How many lookup tokens could hang below the tip: what is left of the continuation,
+    within max_total_nodes."""
+    return min(len(g.guess) - t.depths[g.tip], g.budget.max_total_nodes - len(t.tokens))
+
+
+def hang_lookup(t: Tree, g: Growth, sizer):
+    """The rest of the lookup continuation as a chain below the tip, fed to no draft: as many
+    tokens as AutoSize expects to pay (each accepted at the lookup's rate given its parent),
+    or all the budgets allow."""
+    depth, most = t.depths[g.tip], chain_room(t, g)
+    n = sizer.chain(t, g.tip, g.rate, most)[0] if sizer else most
+    parent = g.tip
+    for x in g.guess[depth:depth + n]:
+        c = Candidate(x, float("nan"), t.logp[parent] + math.log(max(g.rate, 1e-30)), source="lookup")
+        t.candidates[parent] = [c]
+        t.add(parent, c, t.depths[parent] + 1)
+        parent = c.node
+    t.candidates[parent] = []
 
 
 def score(target, tokens, t: Tree):
@@ -252,14 +410,15 @@ def verify(t: Tree, p, generator, one_hot=False):
     e = sampler.exponentials(p.shape[-1], generator=generator, device=p.device, one_hot=one_hot)
     while True:
         cands = t.candidates.get(node, [])
-        tokens = torch.tensor([[c[0] for c in cands] or [-1]], device=p.device)
+        tokens = torch.tensor([[c.token for c in cands] or [-1]], device=p.device)
+        point = torch.tensor([[c.point for c in cands] or [True]], device=p.device)
         u = torch.rand(tokens.shape, generator=generator, device=p.device)
         q = t.dists[node][None] if node in t.dists else None
-        choice, token = sampler.tree_sample(p[node + 1][None], q, tokens, u, e)
+        choice, token = sampler.tree_sample(p[node + 1][None], q, tokens, u, e, point)
         j = int(choice)
-        if j < 0 or cands[j][1] < 0:
+        if j < 0 or cands[j].node < 0:
             return path, int(token)
-        node = cands[j][1]
+        node = cands[j].node
         path.append(node)
 
 
@@ -270,7 +429,7 @@ def verify_coupled(t: Tree, p, e):
     node, path = -1, []
     while True:
         w = int(sampler.draw(p[node + 1], e[t.depths[node] if node >= 0 else 0]))
-        node = next((c[1] for c in t.candidates.get(node, []) if c[0] == w), -1)
+        node = next((c.node for c in t.candidates.get(node, []) if c.token == w), -1)
         if node < 0:
             return path, w
         path.append(node)
@@ -332,7 +491,7 @@ def draw(t: Tree, path, new_token, tok, png, jitter=0.0):
     import matplotlib.pyplot as plt
     pos = layout(t, jitter)
     st = status(t, path)
-    pruned = [(f, c) for f, cs in t.candidates.items() for c in cs if c[1] < 0]
+    pruned = [(f, c) for f, cs in t.candidates.items() for c in cs if c.node < 0]
     width = max(6.0, min(40.0, 0.45 * (1 + max((v[0] for v in pos.values()), default=0))))
     depth = max(t.depths, default=0)
     fig, ax = plt.subplots(figsize=(width, 1.6 + 1.1 * (depth + 1)))
@@ -345,7 +504,8 @@ def draw(t: Tree, path, new_token, tok, png, jitter=0.0):
         alpha = 0.35 + 0.65 * (1 - (t.logp[i] / lo if lo < 0 else 0))
         ax.scatter(*pos[i], s=260, color=COLOURS[s], alpha=alpha, edgecolors="black", linewidths=0.4, zorder=2)
         fs = 7 if len(t.tokens) < 60 else 5
-        ax.annotate(f"{label(tok, t.tokens[i])}\n{t.q[i]:.2f}", pos[i], fontsize=fs, ha="center", va="center", zorder=3)
+        below = "lookup" if t.sources[i] == "lookup" else f"{t.q[i]:.2f}"
+        ax.annotate(f"{label(tok, t.tokens[i])}\n{below}", pos[i], fontsize=fs, ha="center", va="center", zorder=3)
     ax.scatter(*pos[-1], s=300, color=COLOURS["root"], edgecolors="black", zorder=2)
     for k, (f, c) in enumerate(pruned):
         x, y = pos[f]
