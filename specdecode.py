@@ -335,7 +335,7 @@ class Options:
     budget: tree.Budget = field(default_factory=tree.Budget)
     tree_size: str = "auto"                 # tree: "auto" (AutoSize) or "fixed" (fill the budgets)
     verify: str = "coupled"                 # "coupled" (a seed reproduces ar's sample) or "rejection"
-    lookup: str = "auto"                    # tree: "auto" (lookup candidates where they pay) or "off"
+    lookup: str = "off"                     # tree: "auto" (lookup candidates where they pay) or "off"
     on_tree: object = None                  # callback(tree, accepted path, emitted token) per step
     vocab: int = 0                          # set by generate: the shared tokenizer's size
     device: object = "cpu"
@@ -532,9 +532,10 @@ def parse_args(argv):
     p.add_argument("--verify", choices=("coupled", "rejection"), default="coupled",
                    help="coupled: position t races with exponentials from (seed, t), so a seed gives ar's text in "
                         "every mode; rejection: rejection sampling (accepts slightly more, text varies with the draft)")
-    p.add_argument("--lookup", choices=("auto", "off"), default="auto",
+    p.add_argument("--lookup", choices=("auto", "off"), default="off",
                    help="tree: also propose what followed the last few tokens where they occurred before in the "
-                        "prompt or output (no draft cost; auto: where the cost model expects gain)")
+                        "prompt or output (no draft cost; auto: where the cost model expects gain). For editing: "
+                        "on fresh text it still costs speed, so it is off by default")
     p.add_argument("--children", choices=("auto", "top-k", "sample"), default="auto",
                    help="tree, --verify rejection: top-k candidates or i.i.d. draws (auto: draws when temperature > 0)")
     p.add_argument("--viz", metavar="PNG", help="tree: draw the step with the most nodes")

@@ -324,7 +324,8 @@ def test_lookup_tokens_keep_greedy_exact_and_are_accepted(pair):
     want, _ = run(target, None, [3, 1, 3], "ar", max_new_tokens=40)
     budget = tree.Budget(max_total_nodes=40)
     for size in ("auto", "fixed"):
-        out, stats = run(target, draft, [3, 1, 3], "tree", tree_size=size, budget=budget, max_new_tokens=40)
+        out, stats = run(target, draft, [3, 1, 3], "tree", tree_size=size, budget=budget, max_new_tokens=40,
+                         lookup="auto")
         assert out == want and (stats.from_lookup > 0 or size == "auto")
     out, stats = run(target, draft, [3, 1, 3], "tree", tree_size="fixed", budget=budget, max_new_tokens=40, lookup="off")
     assert out == want and stats.from_lookup == 0
@@ -690,6 +691,7 @@ def test_sampled_decoding_loop_follows_the_target(pair, mode, verify):
     prompt, counts = [3, 1, 3], torch.zeros(16, 16)      # (a tree's lookup proposes 1, 3: point masses)
     for seed in range(1500):
         out, _ = run(target, draft, prompt, mode, temperature=1.0, seed=seed, max_new_tokens=2, k=2, verify=verify,
+                     lookup="auto",
                      budget=tree.Budget(max_depth=2, branch=2, max_nodes_per_level=3), tree_size="fixed")
         counts[out[0], out[1]] += 1
     def next_probs(ids):
@@ -941,7 +943,7 @@ def test_demo_pair_every_mode_emits_ar_s_tokens(demo_fp32, temperature):
     ids = demo_ids(target[1])
     opts = lambda **kw: sd.Options(max_new_tokens=24, settings=sd.Settings(temperature=temperature, seed=7), **kw)
     want, _ = sd.generate(ids, target, None, opts(mode="ar"))
-    for kw in (dict(mode="chain", k=4), dict(mode="chain"), dict(mode="tree"),
+    for kw in (dict(mode="chain", k=4), dict(mode="chain"), dict(mode="tree"), dict(mode="tree", lookup="auto"),
                dict(mode="tree", tree_size="fixed", budget=tree.Budget(max_depth=4, max_nodes_per_level=6))):
         out, stats = sd.generate(ids, target, draft, opts(**kw))
         assert out == want and stats.accepted > 0, kw
@@ -955,7 +957,7 @@ def test_demo_draft_as_its_own_draft_accepts_every_greedy_node():
     target, draft = sd.load_pair(weights.DEMO_DRAFT, weights.DEMO_DRAFT, "cpu", torch.float32, "none")
     budget, ids, q = tree.Budget(max_depth=4, branch=2, max_nodes_per_level=16), demo_ids(target[1]), []
     out, stats = sd.generate(ids, target, draft, sd.Options(
-        mode="tree", tree_size="fixed", budget=budget, max_new_tokens=20, lookup="off",
+        mode="tree", tree_size="fixed", budget=budget, max_new_tokens=20,
         on_tree=lambda t, path, new: q.extend([t.q[i] for i in path] + [None])))
     assert len(out) == 20 and stats.ks == [4] * len(stats.ks)
     target[0].setup_cache(len(ids) + len(out))
