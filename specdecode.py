@@ -290,7 +290,7 @@ def decode_tree(target, draft, tokens, opts, stats):
     coupled = opts.verify == "coupled"
 
     def step():
-        start, warm = len(tokens), target.length > 0
+        start, warm, t0 = len(tokens), target.length > 0, time.perf_counter()
         with Timer(stats, "t_draft", draft.device):
             t = tree.grow(draft, tokens, opts.settings, opts.vocab, opts.generator, opts.budget, sizer,
                           races=opts.races if coupled else None, lookup=lookup)
@@ -306,7 +306,9 @@ def decode_tree(target, draft, tokens, opts, stats):
                 path, new = tree.verify(t, p, opts.generator, one_hot=opts.greedy)
         tree.compact(target, draft, start, t, path)
         if sizer:
-            sizer.observe(t, len(path))
+            sizer.observe(t, path)
+            if warm and t.levels:
+                sizer.add_step(len(path) + 1, time.perf_counter() - t0)
         if lookup:
             lookup.observe(t, path)
         stats.target_passes += 1
@@ -335,7 +337,7 @@ class Options:
     budget: tree.Budget = field(default_factory=tree.Budget)
     tree_size: str = "auto"                 # tree: "auto" (AutoSize) or "fixed" (fill the budgets)
     verify: str = "coupled"                 # "coupled" (a seed reproduces ar's sample) or "rejection"
-    lookup: str = "off"                     # tree: "auto" (lookup candidates where they pay) or "off"
+    lookup: str = "auto"                    # tree: "auto" (lookup candidates where they pay) or "off"
     on_tree: object = None                  # callback(tree, accepted path, emitted token) per step
     vocab: int = 0                          # set by generate: the shared tokenizer's size
     device: object = "cpu"
@@ -532,10 +534,9 @@ def parse_args(argv):
     p.add_argument("--verify", choices=("coupled", "rejection"), default="coupled",
                    help="coupled: position t races with exponentials from (seed, t), so a seed gives ar's text in "
                         "every mode; rejection: rejection sampling (accepts slightly more, text varies with the draft)")
-    p.add_argument("--lookup", choices=("auto", "off"), default="off",
+    p.add_argument("--lookup", choices=("auto", "off"), default="auto",
                    help="tree: also propose what followed the last few tokens where they occurred before in the "
-                        "prompt or output (no draft cost; auto: where the cost model expects gain). For editing: "
-                        "on fresh text it still costs speed, so it is off by default")
+                        "prompt or output, at no draft cost, where the cost model expects gain (editing)")
     p.add_argument("--children", choices=("auto", "top-k", "sample"), default="auto",
                    help="tree, --verify rejection: top-k candidates or i.i.d. draws (auto: draws when temperature > 0)")
     p.add_argument("--viz", metavar="PNG", help="tree: draw the step with the most nodes")

@@ -311,9 +311,20 @@ def test_plain_steps_between_speculative_ones_keep_the_output(pair, monkeypatch)
 
 def test_lookup_proposes_what_followed_the_latest_earlier_occurrence():
     lookup = tree.Lookup(most=3)
-    assert lookup.continuation([1, 2, 3, 4, 9, 1, 2, 3]) == [4, 9, 1]          # the longest suffix that recurs: 3
-    assert lookup.continuation([1, 2, 9, 1, 2, 8, 1, 2]) == [8, 1, 2]          # the latest occurrence, not the first
-    assert lookup.continuation([1, 2, 3]) == []
+    assert lookup.continuation([1, 2, 3, 4, 9, 1, 2, 3]) == ([4, 9, 1], 3)       # the longest suffix that recurs: 3
+    assert lookup.continuation([1, 2, 9, 1, 2, 8, 1, 2]) == ([8, 1, 2], 2)       # the latest occurrence, not the first
+    assert lookup.continuation([1, 2, 3]) == ([], 0)
+    assert lookup.continuation([5, 1, 7, 1]) == ([], 0)                        # one token recurs by chance
+
+
+def test_lookup_rates_are_kept_per_match_length():
+    """observe() judges the last proposal by its match length alone: accepted / reached of
+    its lookup nodes (a node counts as reached when its parent was accepted), after a 0.9 decay."""
+    lookup = tree.Lookup()
+    assert lookup.propose([1, 2, 3, 9, 1, 2, 3]) == [9, 1, 2, 3] and lookup.matched == 3 and lookup.rate == 0.25
+    t = tree.Tree(tokens=[9, 1, 7], parents=[-1, 0, -1], depths=[1, 2, 1], sources=["both", "lookup", "draft"])
+    lookup.observe(t, [0])                                      # 9 accepted, then 1 rejected
+    assert lookup.counts[3] == pytest.approx([0.45 + 1, 1.8 + 2]) and lookup.counts[2] == [0.5, 2.0]
 
 
 def test_lookup_tokens_keep_greedy_exact_and_are_accepted(pair):
@@ -329,6 +340,63 @@ def test_lookup_tokens_keep_greedy_exact_and_are_accepted(pair):
         assert out == want and (stats.from_lookup > 0 or size == "auto")
     out, stats = run(target, draft, [3, 1, 3], "tree", tree_size="fixed", budget=budget, max_new_tokens=40, lookup="off")
     assert out == want and stats.from_lookup == 0
+
+
+def assert_cache_holds(m, tokens):
+    """m's KV cache holds exactly the keys and values of a fresh pass over the tokens it claims."""
+    n = min(m.length, len(tokens))
+    kept = [(a.self_attn.k_cache[:, :, :n].clone(), a.self_attn.v_cache[:, :, :n].clone()) for a in m.model.layers]
+    m.setup_cache(n)
+    m(torch.tensor([tokens[:n]]))
+    for (k, v), a in zip(kept, m.model.layers):
+        torch.testing.assert_close(k, a.self_attn.k_cache[:, :, :n])
+        torch.testing.assert_close(v, a.self_attn.v_cache[:, :, :n])
+
+
+def test_a_lookup_only_step_is_the_continuation_as_a_chain_from_the_root(pair, monkeypatch):
+    """A lookup-only step (forced as below) feeds the draft nothing, and its tree is the
+    continuation after the 3-token match, one lookup node per depth, as long as it pays."""
+    draft = pair[1]
+    monkeypatch.setattr(tree.Costs, "target_pass", lambda self, n: 1.0 + 0.01 * n)
+    monkeypatch.setattr(tree.AutoSize, "measured", property(lambda self: 0.0))
+    lookup = tree.Lookup()
+    lookup.counts[3] = [9.0, 10.0]
+    draft.setup_cache(64)
+    t = tree.grow(draft, [1, 2, 3, 4, 5, 6, 7, 1, 2, 3], sd.Settings(), 16, None, tree.Budget(), tree.AutoSize(),
+                  lookup=lookup)
+    assert draft.length == 0 and t.levels == 0
+    assert t.tokens == [4, 5, 6, 7, 1, 2, 3] and t.parents == [-1, 0, 1, 2, 3, 4, 5] and t.depths == [1, 2, 3, 4, 5, 6, 7]
+    assert set(t.sources) == {"lookup"} and all(math.isnan(q) for q in t.q)
+    assert [[c.token for c in t.candidates[i]] for i in range(-1, 7)] == [[4], [5], [6], [7], [1], [2], [3], []]
+
+
+def test_lookup_only_steps_keep_the_output_and_the_caches(pair, monkeypatch):
+    """Where AutoSize expects the lookup's chain alone to beat the draft's measured trees
+    (forced: the draft's trees measure 0 tokens/s, a target pass costs 1 + 0.01 s a token),
+    a step is lookup-only: no draft forward (levels 0), a chain from the root. Greedy and
+    coupled outputs are still ar's, and both caches then hold exactly the prefix they claim:
+    the draft, skipped by those steps, caught up. Where the draft's trees measure faster
+    than any chain (infinite), no step is lookup-only."""
+    target, draft = pair
+    monkeypatch.setattr(tree.Costs, "target_pass", lambda self, n: 1.0 + 0.01 * n)
+    monkeypatch.setattr(tree.Costs, "draft_pass", lambda self, n: 0.2 + 0.01 * n)
+    monkeypatch.setattr(sd.Gate, "speculate", lambda self: True)
+    for measured in (0.0, math.inf):
+        monkeypatch.setattr(tree.AutoSize, "measured", property(lambda self: measured))
+        for temperature in (0.0, 0.9):
+            want, _ = run(target, None, [3, 1, 3], "ar", temperature=temperature, seed=5, max_new_tokens=40)
+            steps = []
+            out, stats = run(target, draft, [3, 1, 3], "tree", temperature=temperature, seed=5, max_new_tokens=40,
+                             on_tree=lambda t, path, new: steps.append((t.levels, len(path))))
+            assert out == want
+            alone = [n for levels, n in steps if levels == 0]
+            assert any(levels > 0 for levels, _ in steps)
+            if measured == 0:
+                assert alone and (temperature > 0 or sum(alone) > 0)
+            else:
+                assert not alone
+            for m in (target, draft):
+                assert_cache_holds(m, [3, 1, 3] + out)
 
 
 def test_one_node_tree_is_autoregressive(pair):

@@ -10,7 +10,9 @@ Grow (level by level, ONE draft forward per level over the whole frontier):
     are pruned: never fed to a model, but kept in the picture and in verification.
     Lookup (`Lookup`): the tokens that followed the latest earlier occurrence of the
     context's last few tokens join the levels as point-mass candidates, and the rest of
-    that continuation may hang below the tree as a chain no draft forward ever sees.
+    that continuation may hang below the tree as a chain no draft forward ever sees; or,
+    where that pays better than the draft's trees have measured, the chain is the whole
+    tree (a lookup-only step: no draft forward at all).
 Score: ONE target forward over the root and every kept node, with a tree attention mask
     (a node sees the prefix, its ancestors and itself) and position = prefix length + depth.
 Verify: walk down from the root. At each node, sampler.tree_sample runs SpecInfer's
@@ -28,7 +30,9 @@ nodes of P(node accepted), estimated as exp(logp) times a calibration the run me
 (accepted depth / predicted depth). Time is the draft forwards (each a function of the
 tokens it feeds) plus the target pass over N nodes, all measured on this machine. Each
 level keeps the m best candidates maximising expected tokens per second, and the tree
-goes one level deeper only while that rate is still expected to rise.
+goes one level deeper only while that rate is still expected to rise. The j-th token of a
+lookup chain is expected with P(its start is reached) times rate^j, rate being the
+lookup's own measured acceptance for matches of that length (not calibrated: it is measured).
 """
 import math
 import random
@@ -80,6 +84,9 @@ class Tree:
     dists: dict = field(default_factory=dict)       # node -> q_f its drawn candidates came from
     levels: int = 0                                  # draft forwards spent growing
 
+    def depth(self, node):
+        return self.depths[node] if node >= 0 else 0
+
     def ancestors(self):
         """[N, N] bool: entry (i, j) says j is i or an ancestor of i."""
         n = len(self.tokens)
@@ -105,33 +112,46 @@ class Tree:
 
 class Lookup:
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's
-    last n tokens (n = 4 down to 1) are proposed as point masses, at no draft cost. `rate`
-    estimates P(a lookup token is accepted | its parent was): accepted / reached over the
-    recent steps (each step's counts decay by 0.9, so about the last 10 steps count), from
-    a prior of 1 in 2."""
+    last n tokens (the longest n from 4 down to 2 that recurs; one token recurs by chance too
+    often) are proposed as point masses, at no draft cost. `rate` estimates P(a lookup token
+    is accepted | its parent was) for proposals from an n-token match: accepted / reached
+    over the recent steps whose match had that length (each decays the counts by 0.9, so
+    about the last 10 count), from a prior of 1 in 4 worth two tokens. A long match in an
+    edited file is nearly always right, a short one in fresh text mostly chance: each length
+    earns its own trust."""
 
     def __init__(self, n=4, most=64):
-        self.n, self.most, self.reached, self.accepted = n, most, 2.0, 1.0
+        self.n, self.most, self.matched = n, most, 0
+        self.counts = {k: [0.5, 2.0] for k in range(2, n + 1)}    # match length -> [accepted, reached]
 
     def continuation(self, tokens):
-        for n in range(min(self.n, len(tokens) - 1), 0, -1):
+        """(what followed the latest earlier occurrence of the longest recurring suffix, its length n)."""
+        for n in range(min(self.n, len(tokens) - 1), 1, -1):
             tail = tokens[-n:]
             for i in range(len(tokens) - n - 1, -1, -1):
                 if tokens[i:i + n] == tail:
-                    return tokens[i + n:i + n + self.most]
-        return []
+                    return tokens[i + n:i + n + self.most], n
+        return [], 0
+
+    def propose(self, tokens):
+        """This step's continuation; observe() will judge it by its match length."""
+        guess, self.matched = self.continuation(tokens)
+        return guess
 
     @property
     def rate(self):
-        return self.accepted / self.reached
+        accepted, reached = self.counts.get(self.matched, (0.0, 1.0))
+        return accepted / reached
 
     def observe(self, t: Tree, path):
-        reached, accepted = {-1} | set(path), set(path)
-        self.reached, self.accepted = 0.9 * self.reached, 0.9 * self.accepted
+        if not self.matched:
+            return
+        reached, accepted, c = {-1} | set(path), set(path), self.counts[self.matched]
+        c[0], c[1] = 0.9 * c[0], 0.9 * c[1]
         for i, source in enumerate(t.sources):
             if source != "draft" and t.parents[i] in reached:
-                self.reached += 1
-                self.accepted += i in accepted
+                c[1] += 1
+                c[0] += i in accepted
 
 
 class Costs:
@@ -176,10 +196,22 @@ class AutoSize:
     """Sizes each tree for expected tokens per second (see the module docstring)."""
 
     def __init__(self):
-        self.costs, self.calibration, self.deeper_rate = Costs(), 0.8, 0.0
+        self.costs, self.calibration, self.drafted = Costs(), 0.8, []
 
-    def rate(self, gain, drafting, nodes):
-        return (1 + self.calibration * gain) / (drafting + self.costs.target_pass(nodes + 1))
+    def add_step(self, tokens, seconds):
+        """A step whose tree the draft grew: its tokens and seconds (the last 8 are kept)."""
+        self.drafted = (self.drafted + [(tokens, seconds)])[-8:]
+
+    @property
+    def measured(self):
+        """Tokens per second of the last 8 steps the draft grew (infinite before any was timed):
+        what a lookup-only step is expected to beat."""
+        return sum(n for n, _ in self.drafted) / sum(s for _, s in self.drafted) if self.drafted else math.inf
+
+    def rate(self, gain, drafting, nodes, looked=0.0):
+        """Expected tokens per second: 1 + the draft's expected accepted nodes (calibrated) +
+        the lookup chain's (`looked`, already measured), over drafting and one target pass."""
+        return (1 + self.calibration * gain + looked) / (drafting + self.costs.target_pass(nodes + 1))
 
     def drafting(self, t):
         """Expected seconds of the draft forwards grown so far: the root, then one per level's width."""
@@ -188,11 +220,11 @@ class AutoSize:
 
     def keep(self, scores, q, t):
         """How many of the level's candidates (probabilities exp(logp), best first; q: each
-        one's probability given its parent, the draft's or the lookup's rate) to keep, and whether a further level is
-        expected to pay for its draft forward over them. That level is priced as one more draft
-        pass and two children per kept node, and expected to be accepted as often as the best
-        candidate here was proposed: its q, not its cumulative probability, which shrinks with
-        depth and would stop a confident draft's tree after a level or two."""
+        one's probability given its parent) to keep, the expected rate then, and the rate
+        expected of one level more over them. That level is priced as one more draft pass and
+        two children per kept node, and expected to be accepted as often as the best candidate
+        here was proposed: its q, not its cumulative probability, which shrinks with depth and
+        would stop a confident draft's tree after a level or two."""
         gain, drafting = sum(math.exp(x) for x in t.logp), self.drafting(t)
         best_m, best = 0, self.rate(gain, drafting, len(t.tokens))
         g = gain
@@ -202,32 +234,36 @@ class AutoSize:
             if r > best:
                 best_m, best = m, r
         kept = sum(scores[:best_m])
-        self.deeper_rate = self.rate(gain + kept + kept * (q[0] if q else 0), drafting + self.costs.draft_pass(best_m),
-                                     len(t.tokens) + 2 * best_m)
-        deeper = self.deeper_rate > best
+        deeper = self.rate(gain + kept + kept * (q[0] if q else 0), drafting + self.costs.draft_pass(best_m),
+                           len(t.tokens) + 2 * best_m)
         sizes = self.costs.target_sizes()
         if len(sizes) < 2 and scores:    # a probe: until two sizes are timed, width's price is a guess (fit)
             best_m = max(best_m, 1)
-            deeper = deeper or len(t.tokens) + best_m + 1 in sizes
-        return best_m, deeper
+            deeper = math.inf if len(t.tokens) + best_m + 1 in sizes else deeper
+        return best_m, best, deeper
 
-    def chain(self, t, tip, rate, most):
-        """How many lookup tokens (at most `most`) to hang below node `tip` with no draft
-        forward, and the expected tokens per second then: the j-th is accepted with the
-        probability of reaching the tip times rate^j, and costs one more target token."""
-        gain, drafting, n = sum(math.exp(x) for x in t.logp), self.drafting(t), len(t.tokens)
-        best_j, best, reach = 0, self.rate(gain, drafting, n), math.exp(t.logp[tip])
+    def chain(self, t, tip, rate, most, drafting):
+        """How many lookup tokens (at most `most`) to hang below node `tip` (-1: the root, a
+        lookup-only step) with no further draft forward, and the expected tokens per second
+        then: the j-th is accepted with the probability of reaching the tip times rate^j, and
+        costs one more target token."""
+        gain, n = sum(math.exp(x) for x in t.logp), len(t.tokens)
+        reach = self.calibration * math.exp(t.logp[tip]) if tip >= 0 else 1.0
+        best_j, best, looked = 0, self.rate(gain, drafting, n), 0.0
         for j in range(1, most + 1):
             reach *= rate
-            gain += reach
-            r = self.rate(gain, drafting, n + j)
+            looked += reach
+            r = self.rate(gain, drafting, n + j, looked)
             if r > best:
                 best_j, best = j, r
         return best_j, best
 
-    def observe(self, t, accepted):
-        predicted = sum(math.exp(x) for x in t.logp)
+    def observe(self, t, path):
+        """Calibrate the draft's predictions: accepted draft-scored nodes over their expected number."""
+        drafted = [i for i, q in enumerate(t.q) if not math.isnan(q)]
+        predicted = sum(math.exp(t.logp[i]) for i in drafted)
         if predicted > 0:
+            accepted = len(set(path) & set(drafted))
             self.calibration = min(1.0, max(0.05, 0.8 * self.calibration + 0.2 * accepted / predicted))
 
 
@@ -263,12 +299,18 @@ def grow(draft, tokens, settings, vocab, generator, budget: Budget, sizer: AutoS
     races (sampler.Races, coupled verification): children are the best of the draft's race at
     their position instead of i.i.d. draws or the top of q. lookup: its continuation joins
     the candidates level by level, and then hangs below the tree as a chain with no draft
-    forward, as long as the cost model (or the budgets) allow."""
+    forward, as long as the cost model (or the budgets) allow; where AutoSize expects that
+    chain alone to beat the draft's trees as measured, the step is lookup-only: no draft
+    forward at all (the draft catches up on the accepted tokens when it is next needed)."""
     t0 = time.perf_counter()
     t = Tree()
     drawn = races is None and (budget.children == "sample" or (budget.children == "auto" and settings.temperature > 0))
     g = Growth(settings, budget, vocab, generator, races, drawn, len(tokens),
-               lookup.continuation(tokens) if lookup else [], lookup.rate if lookup else 0.0)
+               lookup.propose(tokens) if lookup else [], lookup.rate if lookup else 0.0)
+    if sizer and g.guess:
+        j, r = sizer.chain(t, -1, g.rate, chain_room(t, g), drafting=0.0)
+        if j and r > sizer.measured:
+            return hang_lookup(t, g, j)
     new, warm = tokens[draft.length:], draft.length > 0    # the first tree's root pass holds the prompt
     q_frontier = distribution(g, draft(torch.tensor([new], device=draft.device), last=1)[0, :, :vocab])
     frontier, t.levels = [-1], 1
@@ -276,16 +318,18 @@ def grow(draft, tokens, settings, vocab, generator, budget: Budget, sizer: AutoS
         sizer.costs.add_draft(len(new), time.perf_counter() - t0)
     for depth in range(1, budget.max_depth + 1):
         level = expand(t, g, frontier, q_frontier, depth)
-        chosen, deeper = choose(t, g, level, sizer, depth)
+        chosen, expected, deeper = choose(t, g, level, sizer, depth)
         first = len(t.tokens)
         for f, c in chosen:
             t.add(f, c, depth)
             g.tip = c.node if c.source != "draft" else g.tip
         frontier = list(range(first, len(t.tokens)))
-        if sizer and deeper and g.tip in frontier:     # the lookup may pay better than another draft level
-            deeper = sizer.chain(t, g.tip, g.rate, chain_room(t, g))[1] < sizer.deeper_rate
+        chained = 0
+        if sizer and g.tip in frontier:                # the lookup may pay better than another draft level
+            chained, chained_rate = sizer.chain(t, g.tip, g.rate, chain_room(t, g), sizer.drafting(t))
+            expected = max(expected, chained_rate)
         if (not frontier or depth == budget.max_depth or len(t.tokens) >= budget.max_total_nodes
-                or not deeper or time.perf_counter() - t0 > budget.max_time):
+                or deeper <= expected or time.perf_counter() - t0 > budget.max_time):
             for f in frontier:
                 t.candidates[f] = []
             break
@@ -294,7 +338,7 @@ def grow(draft, tokens, settings, vocab, generator, budget: Budget, sizer: AutoS
         if sizer:
             sizer.costs.add_draft(len(frontier), time.perf_counter() - t1)
     if g.tip >= 0 and t.candidates[g.tip] == []:       # the lookup reached the last level: go on without the draft
-        hang_lookup(t, g, sizer)
+        hang_lookup(t, g, chained if sizer else chain_room(t, g))
     return t
 
 
@@ -310,7 +354,8 @@ def expand(t: Tree, g: Growth, frontier, q_frontier, depth):
     level's (parent, candidate) pairs to choose from: one per token and parent. The frontier
     node on the lookup path also gets the lookup token, first: shared with an equal point-mass
     draft candidate, or a point mass of its own beside drawn ones (verification takes each
-    with its own proposal). Its score is the larger of its q and the lookup's rate."""
+    with its own proposal). It is scored by its q like the draft's own: where the draft has
+    looked, it knows better than a blind lookup (its rate counts only for the chain below)."""
     level = []
     for f, q in zip(frontier, q_frontier):
         base = t.logp[f] if f >= 0 else 0.0
@@ -323,13 +368,12 @@ def expand(t: Tree, g: Growth, frontier, q_frontier, depth):
                 for c in children(q, g.budget.branch, g.drawn, e)]
         if f == g.tip and depth <= len(g.guess):
             x = g.guess[depth - 1]
-            score = base + math.log(max(float(q[x]), g.rate, 1e-30))
             same = next((c for c in made if c.token == x and c.point), None)
             if same:
-                same.source, same.logp = "both", score
+                same.source = "both"
             else:
                 source = "both" if any(c.token == x for c in made) else "lookup"
-                made.insert(0, Candidate(x, float(q[x]), score, source=source))
+                made.insert(0, Candidate(x, float(q[x]), base + math.log(max(float(q[x]), 1e-30)), source=source))
         t.candidates[f], seen = made, set()
         for c in made:
             if c.token not in seen:
@@ -340,18 +384,19 @@ def expand(t: Tree, g: Growth, frontier, q_frontier, depth):
 
 def choose(t: Tree, g: Growth, level, sizer, depth):
     """The candidates of a level to keep, best score first (or random ones, as in the tree
-    paper), within the budgets, and whether to grow another level (AutoSize's call)."""
+    paper), within the budgets; with AutoSize, the expected tokens per second then and with
+    one level more (without, 0 and infinity: the budgets alone stop the growth)."""
     limit = min(g.budget.max_nodes_per_level, g.budget.max_total_nodes - len(t.tokens))
     if g.budget.prune == "random":
         chosen = random.Random(g.prefix * 1000 + depth).sample(level, min(limit, len(level)))
     else:
         chosen = sorted(level, key=lambda fc: -fc[1].logp)[:limit]
     if not sizer:
-        return chosen, True
+        return chosen, 0.0, math.inf
     chosen = sorted(chosen, key=lambda fc: -fc[1].logp)
-    m, deeper = sizer.keep([math.exp(c.logp) for _, c in chosen],
-                           [math.exp(c.logp - (t.logp[f] if f >= 0 else 0.0)) for f, c in chosen], t)
-    return chosen[:m], deeper
+    m, expected, deeper = sizer.keep([math.exp(c.logp) for _, c in chosen],
+                                     [math.exp(c.logp - (t.logp[f] if f >= 0 else 0.0)) for f, c in chosen], t)
+    return chosen[:m], expected, deeper
 
 
 def feed_level(draft, t: Tree, g: Growth, first, depth):
@@ -369,22 +414,22 @@ def feed_level(draft, t: Tree, g: Growth, first, depth):
 def chain_room(t: Tree, g: Growth):
     """How many lookup tokens could hang below the tip: what is left of the continuation,
     within max_total_nodes."""
-    return min(len(g.guess) - t.depths[g.tip], g.budget.max_total_nodes - len(t.tokens))
+    return min(len(g.guess) - t.depth(g.tip), g.budget.max_total_nodes - len(t.tokens))
 
 
-def hang_lookup(t: Tree, g: Growth, sizer):
-    """The rest of the lookup continuation as a chain below the tip, fed to no draft: as many
-    tokens as AutoSize expects to pay (each accepted at the lookup's rate given its parent),
-    or all the budgets allow."""
-    depth, most = t.depths[g.tip], chain_room(t, g)
-    n = sizer.chain(t, g.tip, g.rate, most)[0] if sizer else most
+def hang_lookup(t: Tree, g: Growth, n):
+    """The next n tokens of the lookup continuation as a chain below the tip, fed to no draft
+    (as many as AutoSize expects to pay, or all the budgets allow). Their logp counts the
+    lookup's rate per token; their q is nan: the draft never saw them."""
     parent = g.tip
-    for x in g.guess[depth:depth + n]:
-        c = Candidate(x, float("nan"), t.logp[parent] + math.log(max(g.rate, 1e-30)), source="lookup")
+    for x in g.guess[t.depth(g.tip):t.depth(g.tip) + n]:
+        c = Candidate(x, float("nan"), (t.logp[parent] if parent >= 0 else 0.0) + math.log(max(g.rate, 1e-30)),
+                      source="lookup")
         t.candidates[parent] = [c]
-        t.add(parent, c, t.depths[parent] + 1)
+        t.add(parent, c, t.depth(parent) + 1)
         parent = c.node
     t.candidates[parent] = []
+    return t
 
 
 def score(target, tokens, t: Tree):
@@ -428,7 +473,7 @@ def verify_coupled(t: Tree, p, e):
     verify; e [D + 1, V]: E at the root's output position and at each depth below it."""
     node, path = -1, []
     while True:
-        w = int(sampler.draw(p[node + 1], e[t.depths[node] if node >= 0 else 0]))
+        w = int(sampler.draw(p[node + 1], e[t.depth(node)]))
         node = next((c.node for c in t.candidates.get(node, []) if c.token == w), -1)
         if node < 0:
             return path, w
@@ -436,10 +481,12 @@ def verify_coupled(t: Tree, p, e):
 
 
 def compact(target, draft, start, t: Tree, path):
-    """Keep, in both caches, the prefix up to the root and the accepted path's nodes."""
+    """Keep, in both caches, the prefix up to the root and the accepted path's nodes (a draft
+    that saw no node, behind after a lookup-only step, is left as it is)."""
     for model in (target, draft):                      # slots [0, start) hold the prefix, root included
-        seen = [i for i in path if start + i < model.length]   # the draft never saw the last level
-        model.compact(start, torch.tensor(seen, dtype=torch.long, device=model.device))
+        if model.length >= start:
+            seen = [i for i in path if start + i < model.length]   # the draft never saw the last level
+            model.compact(start, torch.tensor(seen, dtype=torch.long, device=model.device))
 
 
 # ---------------------------------------------------------------------------- the picture
@@ -467,7 +514,7 @@ def layout(t: Tree, jitter=0.0, seed=0):
             x[node] = (x[ch[0]] + x[ch[-1]]) / 2
     place(-1)
     rng = random.Random(seed)
-    return {n: (v + rng.uniform(-jitter, jitter), -(t.depths[n] if n >= 0 else 0)) for n, v in x.items()}
+    return {n: (v + rng.uniform(-jitter, jitter), -t.depth(n)) for n, v in x.items()}
 
 
 def status(t: Tree, path):
