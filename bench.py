@@ -185,13 +185,14 @@ def bench_sampler(device, dtype, full):
 
 
 def bench_tree_sampler(device, dtype, impls):
-    """sampler.tree_sample on one tree's nodes: R nodes, m = 4 candidates each, V = 151936."""
+    """sampler.tree_sample on one tree's nodes: R nodes, m = 4 candidates each, V = 151936;
+    drawn children, top-k ones, or drawn ones after a lookup token (a point mass)."""
     g, rows = torch.Generator().manual_seed(0), []
     for R in (8, 32):
-        for children in ("drawn", "top-k"):
-            p, q, cands, u, e = tree_inputs(R, 4, 151936, g, children == "drawn")
+        for children in ("drawn", "top-k", "lookup + drawn"):
+            p, q, cands, u, e, point = tree_inputs(R, 4, 151936, g, children)
             inputs = [[p.to(device, dtype), q.to(device, dtype) if q is not None else None, cands.to(device),
-                       u.to(device), e.to(device)]]
+                       u.to(device), e.to(device), point.to(device)]]
             row = {"R": R, "children": children}
             for impl in impls:
                 row[impl] = time_call(sampler.TREE_IMPLEMENTATIONS[impl], inputs, device, 10)
@@ -203,13 +204,20 @@ def bench_tree_sampler(device, dtype, impls):
     return rows
 
 
-def tree_inputs(R, m, V, g, drawn):
-    """Target and draft probabilities like bench's chain inputs; candidates drawn from q or its top m."""
+def tree_inputs(R, m, V, g, children):
+    """Target and draft probabilities like bench's chain inputs; candidates drawn from q, or
+    its top m, or drawn after a lookup token (p's argmax, as a right lookup proposes); and
+    which candidates are point masses."""
     logits = torch.randn(R, V, generator=g) * 3
     p, q = torch.softmax(logits, -1), torch.softmax(logits + torch.randn(R, V, generator=g), -1)
+    drawn = children != "top-k"
     cands = sampler.draw(q[:, None].expand(R, m, V), torch.empty(R, m, V).exponential_(generator=g)) if drawn \
         else q.topk(m, -1).indices
-    return p, q if drawn else None, cands, torch.rand(R, m, generator=g), torch.empty(V).exponential_(generator=g)
+    point = torch.full((R, m), not drawn)
+    if children == "lookup + drawn":
+        cands[:, 0], point[:, 0] = p.argmax(-1), True
+    return (p, q if drawn else None, cands, torch.rand(R, m, generator=g), torch.empty(V).exponential_(generator=g),
+            point)
 
 
 def tree_sampler_table(impls, rows):
