@@ -20,6 +20,7 @@
    Every row that must equal autoregressive's output (all but rejection's) is checked token
    for token; where one parts, the row says where and compares the top-2 gap of the target's
    race there with the measured difference between a batched and a one-token pass.
+   --repeat N runs every row N times in turn and reports each row's median run.
    --vs-hf adds transformers' generate, assisted generation (its default dynamic K, and
    K = 4 and 8) and prompt lookup on the same folders, and the ratios against them.
 Writes bench_results.md and bench.png.
@@ -310,6 +311,8 @@ METHODS = {
 
 
 def bench_e2e(a):
+    """Every row of METHODS (and with --vs-hf transformers') on every prompt, --repeat times
+    in turn; a row is its median run by tokens/s, and must equal ar's output in every run."""
     dtype = getattr(torch, a.dtype)
     rows, max_new = [], a.tokens or (128 if a.full else 64)
     temps = (0.0, 0.7, 1.0) if a.full else (0.0,)
@@ -318,23 +321,29 @@ def bench_e2e(a):
     for prompt_name, prompt in PROMPTS.items():
         ids = target[1].encode(target[1].chat(prompt))
         for temperature in temps:
-            ar_out = None
-            for method, kw in METHODS.items():
-                if temperature == 0 and kw.get("verify") == "rejection":
-                    continue
-                kw = dict(kw)
-                draft = drafts[kw.pop("draft_quant", "int4")] if kw["mode"] != "ar" else None
-                opts = sd.Options(max_new_tokens=max_new, settings=sd.Settings(temperature=temperature, seed=1), **kw)
-                out, stats = sd.generate(ids, target, draft, opts)
-                ar_out = out if method == "ar" else ar_out
-                same = (out == ar_out) if kw.get("verify", "coupled") == "coupled" else None
-                if same is False:
-                    same = parting(target[0], ids, ar_out, out, opts)
+            runs, ar_out = {}, None
+            for _ in range(a.repeat):
+                for method, kw in METHODS.items():
+                    if temperature == 0 and kw.get("verify") == "rejection":
+                        continue
+                    kw = dict(kw)
+                    draft = drafts[kw.pop("draft_quant", "int4")] if kw["mode"] != "ar" else None
+                    opts = sd.Options(max_new_tokens=max_new, settings=sd.Settings(temperature=temperature, seed=1), **kw)
+                    out, stats = sd.generate(ids, target, draft, opts)
+                    ar_out = out if method == "ar" and ar_out is None else ar_out
+                    runs.setdefault(method, []).append((out, stats, opts))
+                    say(f"  {prompt_name} T={temperature} {method}: {stats.tokens_per_second:.2f} tok/s, "
+                        f"{stats.tokens_per_pass:.2f} tok/pass")
+                if a.vs_hf:
+                    for r in bench_hf(a, prompt_name, ids, temperature, max_new):
+                        runs.setdefault(r["method"], []).append((None, r["stats"], None))
+            for method, done in runs.items():
+                same = None
+                if done[0][2] is not None and done[0][2].verify == "coupled":
+                    parted = next(((out, opts) for out, _, opts in done if out != ar_out), None)
+                    same = parting(target[0], ids, ar_out, *parted) if parted else True
+                stats = sorted((s for _, s, _ in done), key=lambda s: s.tokens_per_second)[(len(done) - 1) // 2]
                 rows.append({"prompt": prompt_name, "T": temperature, "method": method, "stats": stats, "same": same})
-                say(f"  {prompt_name} T={temperature} {method}: {stats.tokens_per_second:.2f} tok/s, "
-                    f"{stats.tokens_per_pass:.2f} tok/pass")
-            if a.vs_hf:
-                rows += bench_hf(a, prompt_name, ids, temperature, max_new, ar_out)
     return rows
 
 
@@ -365,7 +374,7 @@ HF_ASSISTED = {"transformers assisted (default K)": {},      # up to 20 tokens, 
                "transformers assisted K=8": {"num_assistant_tokens": 8}}
 
 
-def bench_hf(a, prompt_name, ids, temperature, max_new, ar_out):
+def bench_hf(a, prompt_name, ids, temperature, max_new):
     """transformers' generate and assisted generation on the same folders (extra rows); a
     fixed K is set on the assistant's generation config with the confidence stop off."""
     import copy
@@ -537,6 +546,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true", help="longer runs: 128 tokens, sampled rows too, more repeats")
     p.add_argument("--tokens", type=int, help="new tokens per end-to-end run (default 64, 128 with --full)")
+    p.add_argument("--repeat", type=int, default=1, help="end-to-end runs per row, in turn; each row is the median")
     p.add_argument("--only", choices=("sampler", "forward", "e2e"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
@@ -545,6 +555,8 @@ def main():
     p.add_argument("--vs-hf", action="store_true", help="add transformers' generate and assisted generation")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     a = p.parse_args()
+    if a.repeat < 1:
+        p.error("--repeat must be at least 1")
     if a.vs_hf:
         try:
             import transformers  # noqa: F401
@@ -565,7 +577,8 @@ def main():
     if a.only in (None, "e2e"):
         say(f"end to end: {a.target} with draft {a.draft} ...")
         e2e_rows = bench_e2e(a)
-        md += [f"## End to end: {a.target} with draft {a.draft}\n", e2e_table(e2e_rows), "", summary(e2e_rows), ""]
+        runs = f", each row the median of {a.repeat} runs taken in turn" if a.repeat > 1 else ""
+        md += [f"## End to end: {a.target} with draft {a.draft}{runs}\n", e2e_table(e2e_rows), "", summary(e2e_rows), ""]
     text = "\n".join(md)
     open("bench_results.md", "w").write(text)
     if sampler_rows or e2e_rows:
