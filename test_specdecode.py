@@ -1011,10 +1011,29 @@ def test_demo_pair_every_mode_emits_ar_s_tokens(demo_fp32, temperature):
     ids = demo_ids(target[1])
     opts = lambda **kw: sd.Options(max_new_tokens=24, settings=sd.Settings(temperature=temperature, seed=7), **kw)
     want, _ = sd.generate(ids, target, None, opts(mode="ar"))
-    for kw in (dict(mode="chain", k=4), dict(mode="chain"), dict(mode="tree"), dict(mode="tree", lookup="auto"),
+    for kw in (dict(mode="chain", k=4), dict(mode="chain"), dict(mode="tree"), dict(mode="tree", lookup="off"),
                dict(mode="tree", tree_size="fixed", budget=tree.Budget(max_depth=4, max_nodes_per_level=6))):
         out, stats = sd.generate(ids, target, draft, opts(**kw))
         assert out == want and stats.accepted > 0, kw
+
+
+def test_demo_pair_edits_with_lookup_as_ar_does(demo_fp32, monkeypatch):
+    """Returning an edited function on the real pair: tree auto (lookup on) gives ar's greedy
+    tokens and takes some from the lookup alone, both as timed and with every step that has
+    a lookup continuation forced to be lookup-only (the draft's trees measured at 0 tokens/s)."""
+    target, draft = demo_fp32
+    source = ("def mean(xs):\n    total = 0\n    for x in xs:\n        total += x\n    return total / len(xs)\n"
+              "\n\ndef spread(xs):\n    m = mean(xs)\n    return max(xs) - min(xs), m\n")
+    ids = demo_ids(target[1], "Rename mean to average everywhere and return the whole code:\n\n```python\n"
+                   + source + "```")
+    want, _ = sd.generate(ids, target, None, sd.Options(mode="ar", max_new_tokens=40))
+    for forced in (False, True):
+        if forced:
+            monkeypatch.setattr(tree.AutoSize, "measured", property(lambda self: 0.0))
+        levels = []
+        out, stats = sd.generate(ids, target, draft, sd.Options(
+            mode="tree", max_new_tokens=40, on_tree=lambda t, path, new: levels.append(t.levels)))
+        assert out == want and stats.from_lookup > 0 and (0 in levels or not forced)
 
 
 def test_demo_draft_as_its_own_draft_accepts_every_greedy_node():
