@@ -122,6 +122,13 @@ class Config:
     qkv_bias: bool
     qk_norm: bool
 
+    @property
+    def layer_weights(self):
+        """Weights a token is multiplied by in the decoder layers (its FLOPs are twice this;
+        the embedding is a lookup and the head runs on the last tokens only)."""
+        attention = self.dim * (2 * self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        return self.n_layers * (attention + 3 * self.dim * self.hidden_dim)
+
     @classmethod
     def from_dir(cls, path):
         path = Path(path)

@@ -190,14 +190,16 @@ def decode_ar(target, draft, tokens, opts, stats):
 class Gate:
     """Auto modes: speculate, or take a plain target step with no draft forward, whichever
     gave more tokens per second over its last 8 steps (measured, not modelled). The other
-    kind is tried again after `wait` steps of this one: 4 at first, so that a draft that
-    cannot pay (prose; float32 on a CPU where a batched pass costs much more than one token)
-    is dropped early; then 8, doubling to 64 while those tries keep losing (a probe costs
-    about half a step's worth of tokens: at most 1-2% of the run)."""
+    kind is tried again after `wait` steps of this one: 8 at first, a full window, so that a
+    draft that cannot pay (float32 on a CPU where a batched pass costs much more than one
+    token) is dropped early, but not on the noise of a few first trees (after 4, a plain
+    probe outran the demo pair's first trees on a fresh code prompt in 2 of 3 runs, and a
+    draft worth 1.2x was dropped); then 8, doubling to 64 while those tries keep losing (a
+    probe costs about half a step's worth of tokens: at most 1-2% of the run)."""
 
     def __init__(self):
         self.steps = {True: [], False: []}             # speculated? -> [(tokens, seconds)]
-        self.current, self.since, self.wait = True, 0, 4
+        self.current, self.since, self.wait = True, 0, 8
 
     def rate(self, speculated):
         steps = self.steps[speculated]
@@ -218,12 +220,14 @@ class Gate:
         self.since = 0
 
 
-def gated(step, target, tokens, opts, stats, auto):
+def gated(step, target, draft, tokens, opts, stats, auto):
     """Run step() (a speculative step: its new tokens) or, where the Gate says the draft does
-    not pay (auto modes only), a plain target step; time each after the first (prompt) one."""
+    not pay (auto modes only), a plain target step; time each once both models have passed
+    over the prompt (tree with lookup feeds the draft only when first needed)."""
     gate = Gate() if auto else None
     while True:
-        speculate, warm, t0 = gate is None or gate.speculate(), target.length > 0, time.perf_counter()
+        speculate, t0 = gate is None or gate.speculate(), time.perf_counter()
+        warm = target.length > 0 and draft.length > 0
         new = step() if speculate else plain_step(target, tokens, opts, stats)
         stats.plain_steps += not speculate
         if gate and warm:
@@ -275,7 +279,7 @@ def decode_chain(target, draft, tokens, opts, stats):
             history = (history + [(k, n)])[-32:]
             k = best_k(history, costs)
         return new
-    yield from gated(step, target, tokens, opts, stats, auto=opts.k == "auto")
+    yield from gated(step, target, draft, tokens, opts, stats, auto=opts.k == "auto")
 
 
 def exponentials(opts):
@@ -285,12 +289,13 @@ def exponentials(opts):
 
 def decode_tree(target, draft, tokens, opts, stats):
     """Grow a token tree with the draft, verify it in one target pass, keep the accepted path."""
-    sizer = tree.AutoSize() if opts.tree_size == "auto" else None
+    sizer = tree.AutoSize(draft.config.layer_weights / target.config.layer_weights) if opts.tree_size == "auto" else None
     lookup = tree.Lookup() if opts.lookup == "auto" else None
     coupled = opts.verify == "coupled"
 
     def step():
-        start, warm, t0 = len(tokens), target.length > 0, time.perf_counter()
+        start, t0 = len(tokens), time.perf_counter()
+        warm, fed = target.length > 0, draft.length > 0     # the prompt passes are no step's cost
         with Timer(stats, "t_draft", draft.device):
             t = tree.grow(draft, tokens, opts.settings, opts.vocab, opts.generator, opts.budget, sizer,
                           races=opts.races if coupled else None, lookup=lookup)
@@ -307,8 +312,11 @@ def decode_tree(target, draft, tokens, opts, stats):
         tree.compact(target, draft, start, t, path)
         if sizer:
             sizer.observe(t, path)
-            if warm and t.levels:
-                sizer.add_step(len(path) + 1, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            if not warm and not t.levels:             # the target's prompt pass alone: it prices catch-ups
+                sizer.add_prompt(start, seconds)
+            elif warm and (fed or not t.levels):      # any later step but the one that fed the draft its prompt
+                sizer.add_step(t, path, seconds)
         if lookup:
             lookup.observe(t, path)
         stats.target_passes += 1
@@ -322,7 +330,7 @@ def decode_tree(target, draft, tokens, opts, stats):
         tokens.extend(t.tokens[i] for i in path)
         tokens.append(new)
         return [t.tokens[i] for i in path] + [new]
-    yield from gated(step, target, tokens, opts, stats, auto=opts.tree_size == "auto")
+    yield from gated(step, target, draft, tokens, opts, stats, auto=opts.tree_size == "auto")
 
 
 DECODERS = {"ar": decode_ar, "chain": decode_chain, "tree": decode_tree}

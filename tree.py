@@ -9,10 +9,14 @@ Grow (level by level, ONE draft forward per level over the whole frontier):
     paper), within max_nodes_per_level, max_total_nodes, max_depth and max_time. The rest
     are pruned: never fed to a model, but kept in the picture and in verification.
     Lookup (`Lookup`): the tokens that followed the latest earlier occurrence of the
-    context's last few tokens join the levels as point-mass candidates, and the rest of
+    context's longest recurring suffix join the levels as point-mass candidates, and the rest of
     that continuation may hang below the tree as a chain no draft forward ever sees; or,
     where that pays better than the draft's trees have measured, the chain is the whole
-    tree (a lookup-only step: no draft forward at all).
+    tree (a lookup-only step: no draft forward at all). With lookup, the draft is fed lazily:
+    the prompt pass is the target's alone, and a draft that lacks many tokens (the prompt,
+    or a long stretch the lookup carried) is left behind, the steps going on with the
+    lookup's chain or none, until those steps have cost what catching it up would
+    (`AutoSize.renting`, ski rental). An edited file may then never need the draft at all.
 Score: ONE target forward over the root and every kept node, with a tree attention mask
     (a node sees the prefix, its ancestors and itself) and position = prefix length + depth.
 Verify: walk down from the root. At each node, sampler.tree_sample runs SpecInfer's
@@ -31,8 +35,8 @@ nodes of P(node accepted), estimated as exp(logp) times a calibration the run me
 tokens it feeds) plus the target pass over N nodes, all measured on this machine. Each
 level keeps the m best candidates maximising expected tokens per second, and the tree
 goes one level deeper only while that rate is still expected to rise. The j-th token of a
-lookup chain is expected with P(its start is reached) times rate^j, rate being the
-lookup's own measured acceptance for matches of that length (not calibrated: it is measured).
+lookup chain is expected with P(its start is reached) times P(a run of j lookup tokens is
+accepted), which the lookup measures itself (`Lookup.runs`; not calibrated).
 """
 import math
 import random
@@ -112,36 +116,51 @@ class Tree:
 
 class Lookup:
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's
-    last n tokens (the longest n from 4 down to 2 that recurs; one token recurs by chance too
-    often) are proposed as point masses, at no draft cost. `rate` estimates P(a lookup token
-    is accepted | its parent was) for proposals from an n-token match: accepted / reached
-    over the recent steps whose match had that length (each decays the counts by 0.9, so
-    about the last 10 count), from a prior of 1 in 4 worth two tokens. A long match in an
-    edited file is nearly always right, a short one in fresh text mostly chance: each length
-    earns its own trust."""
+    longest recurring suffix are proposed as point masses, at no draft cost. The suffix is
+    2 to `n` tokens long: one token recurs by chance too often, and a long match tells which
+    of several similar lines is being copied. `counts` hold, per match length (2, 3, or 4
+    and more), the lookup tokens accepted and reached (their parent accepted) over the
+    recent steps whose match had that length (each decays the counts by 0.9, so about the
+    last 10 count), from a prior of 1 in 4 worth one token: Beta(1/4, 3/4), its weight near
+    0 and near 1, for a lookup mostly either copies or guesses. `runs` turns the counts into
+    the chance of a run of j accepted tokens. A long match in an edited file is nearly
+    always right, a short one in fresh text mostly chance: each length earns its own trust."""
 
-    def __init__(self, n=4, most=64):
+    def __init__(self, n=16, most=64):
         self.n, self.most, self.matched = n, most, 0
-        self.counts = {k: [0.5, 2.0] for k in range(2, n + 1)}    # match length -> [accepted, reached]
+        self.counts = {k: [0.25, 1.0] for k in (2, 3, 4)}    # match length (4: 4 or more) -> [accepted, reached]
 
     def continuation(self, tokens):
-        """(what followed the latest earlier occurrence of the longest recurring suffix, its length n)."""
-        for n in range(min(self.n, len(tokens) - 1), 1, -1):
-            tail = tokens[-n:]
-            for i in range(len(tokens) - n - 1, -1, -1):
-                if tokens[i:i + n] == tail:
-                    return tokens[i + n:i + n + self.most], n
-        return [], 0
+        """(what followed the latest earlier occurrence of the longest recurring suffix, its length)."""
+        best, end = 1, -1
+        for i in range(len(tokens) - 2, -1, -1):          # where an earlier occurrence ends, latest first
+            n = 0
+            while n < self.n and n <= i and tokens[i - n] == tokens[-1 - n]:
+                n += 1
+            if n > best:
+                best, end = n, i
+                if n == self.n:
+                    break
+        return (tokens[end + 1:end + 1 + self.most], best) if end >= 0 else ([], 0)
 
     def propose(self, tokens):
         """This step's continuation; observe() will judge it by its match length."""
-        guess, self.matched = self.continuation(tokens)
+        guess, n = self.continuation(tokens)
+        self.matched = min(n, 4)
         return guess
 
-    @property
-    def rate(self):
-        accepted, reached = self.counts.get(self.matched, (0.0, 1.0))
-        return accepted / reached
+    def runs(self, most):
+        """P(the next j lookup tokens are all accepted | the parent of the first was), j = 1..most:
+        E[r^j] = prod_{i<j} (a + i) / (a + b + i) for the acceptance rate r of this match length
+        under a Beta(a = accepted, b = reached - accepted) belief. Unlike E[r]^j it keeps the
+        long runs of a file being copied: while r is uncertain, it may well be near 1, and
+        each accepted run makes it surer."""
+        a, reached = self.counts[self.matched]
+        p, out = 1.0, []
+        for i in range(most):
+            p *= (a + i) / (reached + i)
+            out.append(p)
+        return out
 
     def observe(self, t: Tree, path):
         if not self.matched:
@@ -193,20 +212,46 @@ def fit(samples, n, default):
 
 
 class AutoSize:
-    """Sizes each tree for expected tokens per second (see the module docstring)."""
+    """Sizes each tree for expected tokens per second (see the module docstring), and says when
+    to leave the draft behind (`renting`). draft_share: the draft's FLOPs per token over the
+    target's (model.Config.layer_weights)."""
 
-    def __init__(self):
+    def __init__(self, draft_share=1.0):
         self.costs, self.calibration, self.drafted = Costs(), 0.8, []
+        self.draft_share, self.catch_up_per_token, self.rent = draft_share, math.inf, 0.0
 
-    def add_step(self, tokens, seconds):
-        """A step whose tree the draft grew: its tokens and seconds (the last 8 are kept)."""
-        self.drafted = (self.drafted + [(tokens, seconds)])[-8:]
+    def add_prompt(self, tokens, seconds):
+        """The target's prompt pass, timed with no draft in it. A pass over many tokens is
+        compute-bound, so the draft is expected to feed n tokens in n x draft_share x these
+        seconds per token."""
+        self.catch_up_per_token = seconds / tokens * self.draft_share
+
+    def add_step(self, t, path, seconds):
+        """A timed step. One the draft grew counts toward `measured` (the last 8 are kept) and
+        ends the rent; one without the draft that gave a single token adds to the rent."""
+        if t.levels:
+            self.drafted = (self.drafted + [(len(path) + 1, seconds)])[-8:]
+            self.rent = 0.0
+        elif not path:
+            self.rent += seconds
 
     @property
     def measured(self):
         """Tokens per second of the last 8 steps the draft grew (infinite before any was timed):
         what a lookup-only step is expected to beat."""
         return sum(n for n, _ in self.drafted) / sum(s for _, s in self.drafted) if self.drafted else math.inf
+
+    def renting(self, lag):
+        """Ski rental: whether to go on without a draft that lacks `lag` tokens. Feeding it
+        the lag - 1 tokens a step does not otherwise feed is a purchase (of unknown, so
+        infinite, price before the prompt pass is timed); a step without the draft that gives
+        a single token is a rent of one plain step's time. The draft is fed once another rent
+        would take the rent paid since it was last fed past the price: about twice the best
+        choice in hindsight at worst, whether the lookup carries the rest of the output (an
+        edited file) or never does. A short prompt or lag costs less than one rent: the draft
+        is fed at once."""
+        step = self.costs.target_pass(1) if self.costs.target else 0.0    # unmeasured: a first rent measures it
+        return lag > 1 and self.rent + step < (lag - 1) * self.catch_up_per_token
 
     def rate(self, gain, drafting, nodes, looked=0.0):
         """Expected tokens per second: 1 + the draft's expected accepted nodes (calibrated) +
@@ -242,20 +287,21 @@ class AutoSize:
             deeper = math.inf if len(t.tokens) + best_m + 1 in sizes else deeper
         return best_m, best, deeper
 
-    def chain(self, t, tip, rate, most, drafting):
-        """How many lookup tokens (at most `most`) to hang below node `tip` (-1: the root, a
+    def chain(self, t, tip, runs, drafting):
+        """How many lookup tokens (at most len(runs)) to hang below node `tip` (-1: the root, a
         lookup-only step) with no further draft forward, and the expected tokens per second
-        then: the j-th is accepted with the probability of reaching the tip times rate^j, and
-        costs one more target token."""
+        then: the j-th is accepted with the probability of reaching the tip times runs[j - 1]
+        (Lookup.runs), and costs one more target token."""
         gain, n = sum(math.exp(x) for x in t.logp), len(t.tokens)
         reach = self.calibration * math.exp(t.logp[tip]) if tip >= 0 else 1.0
         best_j, best, looked = 0, self.rate(gain, drafting, n), 0.0
-        for j in range(1, most + 1):
-            reach *= rate
-            looked += reach
+        for j, run in enumerate(runs, 1):
+            looked += reach * run
             r = self.rate(gain, drafting, n + j, looked)
             if r > best:
                 best_j, best = j, r
+        if len(self.costs.target_sizes()) < 2:    # a probe, as in keep: width's price is a guess until timed
+            best_j = max(best_j, min(len(runs), 1))
         return best_j, best
 
     def observe(self, t, path):
@@ -288,7 +334,7 @@ class Growth:
     drawn: bool
     prefix: int
     guess: list
-    rate: float
+    runs: list
     tip: int = -1
 
 
@@ -299,18 +345,21 @@ def grow(draft, tokens, settings, vocab, generator, budget: Budget, sizer: AutoS
     races (sampler.Races, coupled verification): children are the best of the draft's race at
     their position instead of i.i.d. draws or the top of q. lookup: its continuation joins
     the candidates level by level, and then hangs below the tree as a chain with no draft
-    forward, as long as the cost model (or the budgets) allow; where AutoSize expects that
-    chain alone to beat the draft's trees as measured, the step is lookup-only: no draft
-    forward at all (the draft catches up on the accepted tokens when it is next needed)."""
+    forward, as long as the cost model (or the budgets) allow. The step goes without the
+    draft (the chain alone, or no node at all: a plain step) where AutoSize expects that
+    chain to beat the draft's trees as measured, or while the draft lags by more tokens than
+    are yet worth feeding it (AutoSize.renting: the prompt, at first). The draft catches up
+    on the tokens it lacks when it is next used."""
     t0 = time.perf_counter()
     t = Tree()
     drawn = races is None and (budget.children == "sample" or (budget.children == "auto" and settings.temperature > 0))
-    g = Growth(settings, budget, vocab, generator, races, drawn, len(tokens),
-               lookup.propose(tokens) if lookup else [], lookup.rate if lookup else 0.0)
-    if sizer and g.guess:
-        j, r = sizer.chain(t, -1, g.rate, chain_room(t, g), drafting=0.0)
-        if j and r > sizer.measured:
-            return hang_lookup(t, g, j)
+    guess = lookup.propose(tokens) if lookup else []
+    g = Growth(settings, budget, vocab, generator, races, drawn, len(tokens), guess,
+               lookup.runs(len(guess)) if guess else [])
+    if sizer and lookup:
+        j, r = sizer.chain(t, -1, g.runs[:chain_room(t, g)], drafting=0.0) if g.guess else (0, 0.0)
+        if (j and r > sizer.measured) or sizer.renting(len(tokens) - draft.length):
+            return hang_lookup(t, g, j)                # no draft forward: the chain alone, or a plain step
     new, warm = tokens[draft.length:], draft.length > 0    # the first tree's root pass holds the prompt
     q_frontier = distribution(g, draft(torch.tensor([new], device=draft.device), last=1)[0, :, :vocab])
     frontier, t.levels = [-1], 1
@@ -326,7 +375,7 @@ def grow(draft, tokens, settings, vocab, generator, budget: Budget, sizer: AutoS
         frontier = list(range(first, len(t.tokens)))
         chained = 0
         if sizer and g.tip in frontier:                # the lookup may pay better than another draft level
-            chained, chained_rate = sizer.chain(t, g.tip, g.rate, chain_room(t, g), sizer.drafting(t))
+            chained, chained_rate = sizer.chain(t, g.tip, g.runs[:chain_room(t, g)], sizer.drafting(t))
             expected = max(expected, chained_rate)
         if (not frontier or depth == budget.max_depth or len(t.tokens) >= budget.max_total_nodes
                 or deeper <= expected or time.perf_counter() - t0 > budget.max_time):
@@ -419,12 +468,12 @@ def chain_room(t: Tree, g: Growth):
 
 def hang_lookup(t: Tree, g: Growth, n):
     """The next n tokens of the lookup continuation as a chain below the tip, fed to no draft
-    (as many as AutoSize expects to pay, or all the budgets allow). Their logp counts the
-    lookup's rate per token; their q is nan: the draft never saw them."""
-    parent = g.tip
-    for x in g.guess[t.depth(g.tip):t.depth(g.tip) + n]:
-        c = Candidate(x, float("nan"), (t.logp[parent] if parent >= 0 else 0.0) + math.log(max(g.rate, 1e-30)),
-                      source="lookup")
+    (as many as AutoSize expects to pay, or all the budgets allow). Their logp adds the log
+    of the chance that the run from the tip to it is accepted (Lookup.runs); their q is nan:
+    the draft never saw them."""
+    parent, base = g.tip, t.logp[g.tip] if g.tip >= 0 else 0.0
+    for run, x in zip(g.runs, g.guess[t.depth(g.tip):t.depth(g.tip) + n]):
+        c = Candidate(x, float("nan"), base + math.log(max(run, 1e-30)), source="lookup")
         t.candidates[parent] = [c]
         t.add(parent, c, t.depth(parent) + 1)
         parent = c.node
