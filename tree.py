@@ -179,36 +179,45 @@ class Costs:
     not free: in float32, or for a wide tree level, a batched pass costs much more than one token."""
 
     def __init__(self):
-        self.draft, self.target = [], []
+        self.draft, self.target, self.lines = [], [], {}
 
     def add_draft(self, n, seconds):
         self.draft = (self.draft + [(n, seconds)])[-32:]
+        self.lines.pop("draft", None)
 
     def add_target(self, n, seconds):
         self.target = (self.target + [(n, seconds)])[-32:]
+        self.lines.pop("target", None)
 
     def draft_pass(self, n):
-        return fit(self.draft, n, 0.5)
+        return self.line("draft", 0.5, n)
 
     def target_pass(self, n):
-        return fit(self.target, n, 1.0)
+        return self.line("target", 1.0, n)
+
+    def line(self, kind, default, n):
+        """a + b * n, fitted once per new sample: AutoSize prices hundreds of trees a step."""
+        if kind not in self.lines:
+            self.lines[kind] = fit(getattr(self, kind), default)
+        a, b = self.lines[kind]
+        return a + b * n
 
     def target_sizes(self):
         return {n for n, _ in self.target}
 
 
-def fit(samples, n, default):
-    """a + b * n (b >= 0) fitted to (n, seconds) samples. Until two sizes have been seen, a
-    pass is taken to cost in proportion to its tokens (default seconds each before any):
-    pessimistic, so a tree must earn its width before it is measured to be cheap."""
+def fit(samples, default):
+    """(a, b) of a + b * n (b >= 0) fitted to (n, seconds) samples. Until two sizes have been
+    seen, a pass is taken to cost in proportion to its tokens (default seconds each before
+    any): pessimistic, so a tree must earn its width before it is measured to be cheap."""
     if not samples:
-        return default * n
-    ns = torch.tensor([x for x, _ in samples], dtype=torch.float64)
-    ts = torch.tensor([t for _, t in samples], dtype=torch.float64)
-    if ns.max() == ns.min():
-        return float(ts.median()) * n / float(ns[0])
-    b = float(((ns - ns.mean()) * (ts - ts.mean())).sum() / ((ns - ns.mean()) ** 2).sum())
-    return float(ts.mean()) + max(b, 0.0) * (n - float(ns.mean()))
+        return 0.0, default
+    ns, ts = [x for x, _ in samples], [t for _, t in samples]
+    if min(ns) == max(ns):
+        return 0.0, sorted(ts)[(len(ts) - 1) // 2] / ns[0]
+    mn, mt = sum(ns) / len(ns), sum(ts) / len(ts)
+    b = max(sum((x - mn) * (t - mt) for x, t in samples) / sum((x - mn) ** 2 for x in ns), 0.0)
+    return mt - b * mn, b
 
 
 class AutoSize:
