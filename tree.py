@@ -366,7 +366,7 @@ def grow(draft, tokens, settings, vocab, generator, budget: Budget, sizer: AutoS
     g = Growth(settings, budget, vocab, generator, races, drawn, len(tokens), guess,
                lookup.runs(len(guess)) if guess else [])
     if sizer and lookup:
-        j, r = sizer.chain(t, -1, g.runs[:chain_room(t, g)], drafting=0.0) if g.guess else (0, 0.0)
+        j, r = sizer.chain(t, -1, g.runs[:chain_room(t, g)], drafting=0.0)     # (0, _) without a continuation
         if (j and r > sizer.measured) or sizer.renting(len(tokens) - draft.length):
             return hang_lookup(t, g, j)                # no draft forward: the chain alone, or a plain step
     new, warm = tokens[draft.length:], draft.length > 0    # the first tree's root pass holds the prompt
