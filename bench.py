@@ -115,6 +115,10 @@ EDIT_TOKENS = 1024                                  # an edit ("edit: ...") runs
 EDIT_METHODS = ("ar", "chain auto", "tree auto", "tree auto, no lookup")
 
 
+def is_edit(prompt_name):
+    return prompt_name.startswith("edit")
+
+
 def say(msg):
     print(msg, file=sys.stderr, flush=True)
 
@@ -326,7 +330,7 @@ def bench_e2e(a):
     drafts = {q: sd.load_pair(a.target, a.draft, a.device, dtype, q)[1] for q in ("int4", "none")}
     target = sd.load_pair(a.target, None, a.device, dtype)[0]
     for prompt_name, prompt in PROMPTS.items():
-        edit = prompt_name.startswith("edit")
+        edit = is_edit(prompt_name)
         max_new = EDIT_TOKENS if edit else a.tokens or (128 if a.full else 64)
         methods = {m: kw for m, kw in METHODS.items() if m in EDIT_METHODS or not edit}
         ids = target[1].encode(target[1].chat(prompt))
@@ -442,7 +446,7 @@ def e2e_table(rows):
 
 def fresh_rows(rows):
     """The rows of the code and prose prompts: every method runs on them (not on the edits)."""
-    return [r for r in rows if not r["prompt"].startswith("edit")]
+    return [r for r in rows if not is_edit(r["prompt"])]
 
 
 def median_speedups(rows):
@@ -481,8 +485,8 @@ def versus(rows, ours, theirs, prompts):
 def summary(rows):
     """The ratios the project is judged by, each from this run's rows."""
     code = [p for p in PROMPTS if p.startswith("code")]
-    edit = [p for p in PROMPTS if p.startswith("edit")]
-    fresh = [p for p in PROMPTS if not p.startswith("edit")]
+    edit = [p for p in PROMPTS if is_edit(p)]
+    fresh = [p for p in PROMPTS if not is_edit(p)]
     lines = ["Median speedup over autoregressive on the code and prose prompts: "
              + ", ".join(f"{m} {v:.2f}x" for m, v in median_speedups(rows).items()),
              "", "Tree auto over the fastest chain row of each prompt (median): {:.2f}x tokens/s, "

@@ -40,6 +40,7 @@ accepted), which the lookup measures itself (`Lookup.runs`; not calibrated).
 """
 import math
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,7 +215,7 @@ def fit(samples, default):
         return 0.0, default
     ns, ts = [x for x, _ in samples], [t for _, t in samples]
     if min(ns) == max(ns):
-        return 0.0, sorted(ts)[(len(ts) - 1) // 2] / ns[0]
+        return 0.0, statistics.median_low(ts) / ns[0]
     mn, mt = sum(ns) / len(ns), sum(ts) / len(ts)
     b = max(sum((x - mn) * (t - mt) for x, t in samples) / sum((x - mn) ** 2 for x in ns), 0.0)
     return mt - b * mn, b
