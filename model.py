@@ -8,13 +8,20 @@ RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w.  Attention is grouped-query attentio
 (n_kv_heads <= n_heads) with rotary position embeddings (RoPE); Qwen2 adds biases to
 q/k/v, Qwen3 RMS-normalises q and k per head. SwiGLU(x) = down(silu(gate(x)) * up(x)).
 
-The KV cache is preallocated. `forward(tokens, positions, attn_mask)` appends the new
-tokens' keys and values after the `length` slots already cached; positions (for RoPE)
-are given explicitly, so a token tree can put siblings at the same position. The
-attention mask says which *new* tokens each new token sees (a tree mask); every new
-token sees the whole cached prefix unless the mask covers it too. `truncate(n)` rolls the cache back, `compact(n, keep)`
-keeps slots n+keep (the accepted path of a tree) right after the first n.
+Each layer has a preallocated `KVCache`. `forward(tokens, positions, attn_mask)` appends
+the new tokens' keys and values after the `length` slots already cached; positions (for
+RoPE) are given explicitly, so a token tree can put siblings at the same position. The
+mask says which new tokens each new token sees (a tree mask); every new token sees the
+whole cached prefix unless the mask covers it too. `truncate(n)` rolls the cache back,
+`compact(n, keep)` keeps slots n + keep (a tree's accepted path) right after the first n.
 Module names follow the HuggingFace checkpoints so weights load by name.
+
+Batch invariance: after the prompt's pass, a position's logits are the same bits whether
+the pass holds 1 token (autoregressive decoding), K + 1 (a chain) or a whole tree, so
+speculative decoding emits exactly autoregressive decoding's tokens in bfloat16 too.
+Every op works row by row except two, which are made invariant: each linear sees at
+least MIN_ROWS rows, and attention takes one path (`grouped_attention`) for every pass
+but the prompt's. The prompt's pass is shared by every mode, so it may take the fast path.
 
 Decoding one token reads every weight once, so its speed is the memory bandwidth over the
 bytes of weights. Each Linear is therefore prepared once at load (`Transformer.prepare`):
@@ -53,8 +60,9 @@ def say_once(msg):
         print(f"[specdecode] {msg}", file=sys.stderr)
 
 
-PAD_ROWS = {torch.bfloat16: 4}   # measured on Zen 4: oneDNN reads packed bf16 weights ~25% faster for
-                                  # 4 rows than for 1-3 (float32 is slower padded)
+MIN_ROWS = 4   # measured (Zen 4, Zen 5, Intel family 6 model 207): oneDNN's packed kernels give a row the same
+               # bits for any call of 4 or more rows (bf16 and fp32; 1-3 rows take other kernels), and read
+               # bf16 weights ~25% faster at 4 rows than at 1-3: fewer rows are padded with zeros
 INT4_GROUP = 32        # inputs per scale: Q4_K's sub-block, which the demo GGUFs' 4-bit tensors fit nearly exactly
 INT4_MAX_ROWS = 4      # measured on Zen 4 (bench.py's forward table): int4 beats packed bf16 up to 4 tokens
 
@@ -95,9 +103,8 @@ class Linear(nn.Linear):
             y = torch._weight_int4pack_mm_for_cpu(x, self.int4[0], INT4_GROUP, self.int4[1])
             y = y if self.bias is None else y + self.bias
         elif self.packed is not None:
-            pad = PAD_ROWS.get(x.dtype, 0) - rows
-            if pad > 0:                                  # zero rows: no more weight bytes, a faster kernel
-                x = torch.cat((x, x.new_zeros(pad, x.shape[-1])))
+            if rows < MIN_ROWS:                          # zero rows: no more weight bytes, an invariant kernel
+                x = torch.cat((x, x.new_zeros(MIN_ROWS - rows, x.shape[-1])))
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")[:rows]
         else:
             y = F.linear(x, self.weight, self.bias)
@@ -194,9 +201,6 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-FEW_QUERIES = 8     # measured on a 2-core CPU: up to here grouped_attention beats SDPA's flash kernel (4-10x at 1 token)
-
-
 def group_bias(mask, G, dtype):
     """The bool mask [T, S] as grouped_attention's additive bias [G*T, S]: 0 where a query may
     attend, -inf elsewhere, repeated for the G query heads of a group. Made once per forward."""
@@ -205,15 +209,18 @@ def group_bias(mask, G, dtype):
 
 
 def grouped_attention(q, k, v, bias):
-    """softmax(q k^T / sqrt(d) + bias) v, in float32 at least, for a few queries: q [B, H, T, d],
-    k and v [B, KV, S, d], bias from group_bias. The G = H / KV query heads that share a key/value
-    head are stacked as G*T rows of one matmul, so the cache is read once, never repeated per head."""
+    """softmax(q k^T / sqrt(d) + bias) v in float32 at least, every pass after the prompt's:
+    q (B, nh, T, hs), k and v (B, nkv, S, hs), bias from group_bias. The G = nh / nkv query
+    heads that share a key/value head are stacked as G*T rows of one matmul, so the cache is
+    read once, never repeated per head. Measured: a query row's result is the same bits for
+    any T (masked extra keys included); SDPA's CPU kernel splits its work by the number of
+    queries, and has a fixed cost of about 0.5 ms a layer at one token (4-10x this)."""
     B, H, T, d = q.shape
-    KV, S = k.shape[1], k.shape[2]
-    f = bias.dtype
+    KV, S, f = k.shape[1], k.shape[2], bias.dtype
     scores = torch.baddbmm(bias, q.reshape(B * KV, -1, d).to(f), k.reshape(B * KV, S, d).to(f).transpose(1, 2),
-                           alpha=d ** -0.5)
-    return (scores.softmax(-1) @ v.reshape(B * KV, S, d).to(f)).to(q.dtype).reshape(B, H, T, d)
+                           alpha=d ** -0.5)                                   # (B*nkv, G*T, S)
+    y = scores.softmax(-1) @ v.reshape(B * KV, S, d).to(f)                    # (B*nkv, G*T, hs)
+    return y.to(q.dtype).reshape(B, H, T, d)
 
 
 class RMSNorm(nn.Module):
@@ -226,6 +233,25 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
+class KVCache:
+    """Keys and values of max_len slots for one layer, (B, nkv, max_len, hs) each."""
+
+    def __init__(self, shape, device, dtype):
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, start, k, v):
+        """Write k, v (B, nkv, T, hs) at slots start.., return every slot up to them."""
+        B, T = k.shape[0], k.shape[2]
+        self.k[:B, :, start:start + T], self.v[:B, :, start:start + T] = k, v
+        return self.k[:B, :, :start + T], self.v[:B, :, :start + T]
+
+    def keep(self, n, idx):
+        """Slots idx (a LongTensor) move to n, n + 1, ...: a tree's accepted path."""
+        self.k[:, :, n:n + len(idx)] = self.k[:, :, idx]
+        self.v[:, :, n:n + len(idx)] = self.v[:, :, idx]
+
+
 class Attention(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
@@ -234,23 +260,20 @@ class Attention(nn.Module):
         self.o_proj = Linear(c.n_heads * c.head_dim, c.dim, bias=False)
         if c.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.norm_eps), RMSNorm(c.head_dim, c.norm_eps)
-        self.k_cache = self.v_cache = None
 
-    def forward(self, x, cos, sin, start, mask):
+    def forward(self, x, cos, sin, cache, start, bias):
+        """bias None: the prompt's pass (causal, from slot 0), else group_bias's mask."""
         B, T, _ = x.shape
         c = self.c
         q, k, v = self.qkv_proj(x).view(B, T, -1, c.head_dim).split((c.n_heads, c.n_kv_heads, c.n_kv_heads), dim=2)
-        v = v.transpose(1, 2)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
-        self.k_cache[:B, :, start:start + T] = k
-        self.v_cache[:B, :, start:start + T] = v
-        k, v = self.k_cache[:B, :, :start + T], self.v_cache[:B, :, :start + T]
-        if T <= FEW_QUERIES:                         # mask: group_bias made it
-            y = grouped_attention(q, k, v, mask)
+        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)   # (B, nh|nkv, T, hs)
+        k, v = cache.update(start, k, v.transpose(1, 2))                                        # (B, nkv, start+T, hs)
+        if bias is None:                             # the prompt: SDPA's flash kernel, fast for many queries
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            y = grouped_attention(q, k, v, bias)                                                  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -273,8 +296,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, start, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask)
+    def forward(self, x, cos, sin, cache, start, bias):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, bias)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -374,10 +397,8 @@ class Transformer(nn.Module):
         c = self.config
         if max_len > c.max_seq_len:
             raise ModelError(f"{max_len} tokens exceed the model's context of {c.max_seq_len}")
-        for layer in self.model.layers:
-            shape = (batch_size, c.n_kv_heads, max_len, c.head_dim)
-            layer.self_attn.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
-            layer.self_attn.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        shape = (batch_size, c.n_kv_heads, max_len, c.head_dim)
+        self.caches = [KVCache(shape, self.device, self.dtype) for _ in self.model.layers]
         angles = torch.outer(torch.arange(max_len, dtype=torch.float64), rope_frequencies(c))
         angles = torch.cat((angles, angles), dim=-1)
         self.rope_cos = angles.cos().to(device=self.device, dtype=self.dtype)
@@ -398,18 +419,23 @@ class Transformer(nn.Module):
             raise ModelError(f"cache full: {start} + {T} tokens > {self.max_len} slots")
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        if attn_mask is None:
-            attn_mask = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-        mask = attn_mask if attn_mask.shape[-1] == start + T else \
-            torch.cat((torch.ones(T, start, dtype=torch.bool, device=tokens.device), attn_mask), dim=1)
-        if T <= FEW_QUERIES:
-            mask = group_bias(mask, self.config.n_heads // self.config.n_kv_heads, self.dtype)
+        bias = None if start == 0 and attn_mask is None else group_bias(self.full_mask(attn_mask, start, T),
+                                                                         self.config.n_heads // self.config.n_kv_heads,
+                                                                         self.dtype)
         cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         x = self.model.embed_tokens(tokens)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, start, mask)
+        for layer, cache in zip(self.model.layers, self.caches):
+            x = layer(x, cos, sin, cache, start, bias)
         self.length = start + T
-        return self.lm_head(self.model.norm(x[:, -last:] if last else x)).float()
+        return self.lm_head(self.model.norm(x[:, -last:] if last else x)).float()   # the head only where it is read
+
+    def full_mask(self, attn_mask, start, T):
+        """[T, start + T]: the new tokens' mask (causal by default) after the cached slots."""
+        if attn_mask is None:
+            attn_mask = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
+        if attn_mask.shape[-1] == start + T:
+            return attn_mask
+        return torch.cat((torch.ones(T, start, dtype=torch.bool, device=self.device), attn_mask), dim=1)
 
     def truncate(self, n):
         """Forget every cached slot from n on (rejected draft tokens)."""
@@ -417,9 +443,6 @@ class Transformer(nn.Module):
 
     def compact(self, n, keep):
         """Keep slots n + keep[i] (a LongTensor of offsets) as slots n + i: a tree's accepted path."""
-        idx = n + keep
-        for layer in self.model.layers:
-            a = layer.self_attn
-            a.k_cache[:, :, n:n + len(keep)] = a.k_cache[:, :, idx]
-            a.v_cache[:, :, n:n + len(keep)] = a.v_cache[:, :, idx]
+        for cache in self.caches:
+            cache.keep(n, n + keep)
         self.length = n + len(keep)

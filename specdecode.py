@@ -14,12 +14,12 @@ tree   the draft grows a token tree (tree.py); ONE target forward scores every n
 
 Verification is coupled by default (sampler.py): position t of the output races with
 exponentials drawn from (seed, t), so every mode emits exactly the tokens `ar` samples with
-the same seed; --verify rejection uses rejection sampling instead. In the auto modes a
-Gate takes plain target steps, with no draft forward, while those are measured faster.
+the same seed; --verify rejection uses rejection sampling instead. How much to draft each
+step is policy.py's to say.
 
-Each loop keeps one list `tokens` (prompt + output). Every cache holds a prefix of it;
-a forward feeds whatever the cache lacks (the whole prompt the first time), so there is
-no separate prefill, and rolling back is setting the cache length.
+A run keeps one list `tokens` (prompt + output). Every cache holds a prefix of it; a
+forward feeds whatever the cache lacks, and rolling back is setting the cache length. The
+first step is the target's pass over the prompt, the same in every mode.
 """
 import argparse
 import math
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+import policy
 import sampler
 import tree
 import weights
@@ -78,18 +79,26 @@ class Stats:
     mode: str = "ar"
     prompt_tokens: int = 0
     new_tokens: int = 0
-    ttft: float = 0.0            # seconds to the first new token
+    ttft: float = 0.0            # seconds to the first new token (the prompt's pass)
     seconds: float = 0.0
     target_passes: int = 0
     draft_passes: int = 0
     drafted: int = 0             # tokens the target checked: K per chain step, nodes per tree
     accepted: int = 0            # draft tokens the target kept
     from_lookup: int = 0         # tree: of those, tokens only the lookup proposed
-    t_draft: float = 0.0
-    t_target: float = 0.0
-    t_sample: float = 0.0
-    plain_steps: int = 0         # auto modes: target steps taken without the draft (Gate)
+    plain_steps: int = 0         # steps after the prompt's with no draft forward
     ks: list = field(default_factory=list)   # K (chain) or accepted depth (tree) per step
+
+    def record(self, step):
+        t = step.tree
+        self.target_passes += 1
+        self.draft_passes += t.levels
+        self.drafted += len(t.tokens)
+        self.accepted += len(step.path)
+        self.from_lookup += sum(t.sources[i] == "lookup" for i in step.path)
+        if self.target_passes > 1:                   # the prompt's pass is no speculative step
+            self.plain_steps += not t.levels
+            self.ks.append(len(t.tokens) if self.mode == "chain" else len(step.path))
 
     @property
     def tokens_per_second(self):
@@ -107,37 +116,39 @@ class Stats:
         s = (f"{self.mode}: prompt {self.prompt_tokens} tokens, {self.new_tokens} new, "
              f"first token {self.ttft:.2f} s, {self.tokens_per_second:.2f} tokens/s")
         if self.mode != "ar":
-            other = self.seconds - self.t_draft - self.t_target - self.t_sample
             s += (f", {self.target_passes} target passes, {self.tokens_per_pass:.2f} tokens/pass, "
-                  f"acceptance {self.acceptance:.2f}, time draft {self.t_draft:.1f} s / target {self.t_target:.1f} s"
-                  f" / sampling {self.t_sample:.2f} s / other {other:.2f} s")
+                  f"{self.draft_passes} draft passes, acceptance {self.acceptance:.2f}")
         if self.mode == "tree":
             s += (f", mean tree {self.drafted / max(1, self.target_passes):.1f} nodes, mean accepted depth "
                   f"{sum(self.ks) / max(1, len(self.ks)):.2f}, accepted from lookup {self.from_lookup} / "
                   f"from the draft {self.accepted - self.from_lookup}")
         if self.mode == "chain" and self.ks:
             s += f", mean K {sum(self.ks) / len(self.ks):.1f}"
-        if self.plain_steps:
+        if self.mode != "ar" and self.plain_steps:
             s += f", steps without the draft {self.plain_steps}"
         return s
 
 
-class Timer:
-    """Adds the seconds spent in a `with` block to stats.<name> (after syncing CUDA work),
-    and keeps them as .seconds for the cost model."""
+@dataclass
+class Step:
+    """What one step did: the tokens it emitted, the tree the target checked (a chain is a
+    tree of one node per level; no nodes: a plain step) and the accepted path through it."""
+    tokens: list
+    tree: "tree.Tree" = field(default_factory=tree.Tree)
+    path: list = field(default_factory=list)
 
-    def __init__(self, stats, name, device):
-        self.stats, self.name, self.cuda = stats, name, str(device).startswith("cuda")
 
-    def __enter__(self):
-        self.t = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.seconds = time.perf_counter() - self.t
-        setattr(self.stats, self.name, getattr(self.stats, self.name) + self.seconds)
+@dataclass
+class Run:
+    """What a run mutates, apart from the user's Options: the growing token list, the
+    shared tokenizer's size, the random streams, the policy and the statistics."""
+    tokens: list
+    vocab: int
+    device: object
+    generator: torch.Generator      # rejection sampling's random numbers
+    races: sampler.Races            # the exponentials of each output position
+    policy: object                  # policy.Auto or policy.Fixed
+    stats: "Stats"
 
 
 def feed(model, tokens, extra=(), last=1):
@@ -147,229 +158,104 @@ def feed(model, tokens, extra=(), last=1):
     return model(torch.tensor([new], device=model.device), last=last)
 
 
-def best_k(history, costs, k_max=12):
-    """K maximising expected tokens per second over the recent steps' (K, accepted n).
-
-    Whether draft j is accepted does not depend on how many were drafted after it, so a
-    past step with n < K would have yielded 1 + min(n, k) tokens with any k. A step that
-    accepted all K is extended past K as if each further draft were accepted with the
-    per-position rate alpha seen so far. Acceptance comes in runs (boilerplate code), which
-    this keeps and a single i.i.d. rate would lose. Cost: k draft steps plus one target pass
-    over k + 1 tokens, as measured; until the target has been timed at two sizes, a K of an
-    untimed size is taken, so that the price of K is measured, not guessed."""
-    accepted = sum(n for _, n in history)
-    alpha = min(accepted / max(1, accepted + sum(n < K for K, n in history)), 0.99)
-
-    def tokens(k):
-        return sum(1 + min(n, k) if n < K or k <= K else 1 + K + alpha * (1 - alpha ** (k - K)) / (1 - alpha)
-                   for K, n in history) / len(history)
-    ks, sizes = range(1, k_max + 1), costs.target_sizes()
-    if len(sizes) < 2:      # a probe: until two sizes of target pass are timed, the price of K is a guess
-        ks = [k for k in ks if k + 1 not in sizes]
-    return max(ks, key=lambda k: tokens(k) / (k * costs.draft_pass(1) + costs.target_pass(k + 1)))
-
-
-def plain_step(target, tokens, opts, stats):
+def ar_step(target, draft, run, opts):
     """One target forward, one token: position t races with E_t (sampler.Races), so a seed's
     sample is the same whichever mode produced the tokens before it."""
-    with Timer(stats, "t_target", target.device):
-        logits = feed(target, tokens)[0, -1, :opts.vocab]
-    stats.target_passes += 1
-    with Timer(stats, "t_sample", target.device):
-        token = int(sampler.draw(opts.settings.probs(logits), opts.races.at(len(tokens))[0]))
-    tokens.append(token)
-    return [token]
+    logits = feed(target, run.tokens)[0, -1, :run.vocab]
+    return Step([int(sampler.draw(opts.settings.probs(logits), run.races.at(len(run.tokens))[0]))])
 
 
-def decode_ar(target, draft, tokens, opts, stats):
-    """One target forward per token."""
-    while True:
-        yield plain_step(target, tokens, opts, stats)
-
-
-class Gate:
-    """Auto modes: speculate, or take a plain target step with no draft forward, whichever
-    gave more tokens per second over its last 8 steps (measured, not modelled). The other
-    kind is tried again after `wait` steps of this one: 8 at first, a full window, so that a
-    draft that cannot pay (float32 on a CPU where a batched pass costs much more than one
-    token) is dropped early, but not on the noise of a few first trees (after 4, a plain
-    probe outran the demo pair's first trees on a fresh code prompt in 2 of 3 runs, and a
-    draft worth 1.2x was dropped); then 8, doubling to 64 while those tries keep losing (a
-    probe costs about half a step's worth of tokens: at most 1-2% of the run)."""
-
-    def __init__(self):
-        self.steps = {True: [], False: []}             # speculated? -> [(tokens, seconds)]
-        self.current, self.since, self.wait = True, 0, 8
-
-    def rate(self, speculated):
-        steps = self.steps[speculated]
-        return sum(n for n, _ in steps) / sum(s for _, s in steps) if steps else 0.0
-
-    def speculate(self):
-        return self.current if self.since < self.wait else not self.current
-
-    def observe(self, speculated, tokens, seconds):
-        self.steps[speculated] = (self.steps[speculated] + [(tokens, seconds)])[-8:]
-        if speculated == self.current:
-            self.since += 1
-            return
-        if self.rate(speculated) > self.rate(self.current):    # the probe won: switch
-            self.current, self.wait = speculated, 8
-        else:
-            self.wait = max(8, min(64, 2 * self.wait))
-        self.since = 0
-
-
-def gated(step, target, draft, tokens, opts, stats, auto):
-    """Run step() (a speculative step: its new tokens) or, where the Gate says the draft does
-    not pay (auto modes only), a plain target step; time each once both models have passed
-    over the prompt (tree with lookup feeds the draft only when first needed)."""
-    gate = Gate() if auto else None
-    while True:
-        speculate, t0 = gate is None or gate.speculate(), time.perf_counter()
-        warm = target.length > 0 and draft.length > 0
-        new = step() if speculate else plain_step(target, tokens, opts, stats)
-        stats.plain_steps += not speculate
-        if gate and warm:
-            gate.observe(speculate, len(new), time.perf_counter() - t0)
-        yield new
-
-
-def decode_chain(target, draft, tokens, opts, stats):
+def chain_step(target, draft, run, opts):
     """Draft K tokens, verify K+1 positions in one target pass, keep what rejection sampling
     (or coupled verification) keeps."""
-    k, history, costs = (4 if opts.k == "auto" else opts.k), [], tree.Costs()
-    coupled = opts.verify == "coupled"
-
-    def step():
-        nonlocal k, history
-        start, qs, drafts = len(tokens), [], []
-        warm = target.length > 0                      # the first step's passes include the prompt: not timed
-        for i in range(k):
-            fed = start + i - draft.length              # > 1 after plain steps: the draft catches up
-            with Timer(stats, "t_draft", draft.device) as timer:
-                q = opts.settings.probs(feed(draft, tokens[:start] + drafts)[0, -1, :opts.vocab])
-                e = opts.races.at(start + i)[0] if coupled else exponentials(opts)
-                drafts.append(int(sampler.draw(q, e)))
-            if warm:
-                costs.add_draft(fed, timer.seconds)
-            qs.append(q)
-        with Timer(stats, "t_target", target.device) as timer:
-            logits = feed(target, tokens, drafts, last=k + 1)[:, :, :opts.vocab]
-        if warm:
-            costs.add_target(k + 1, timer.seconds)
-        with Timer(stats, "t_sample", target.device):
-            p, proposed = opts.settings.probs(logits), torch.tensor([drafts], device=opts.device)
-            if coupled:
-                out, n = sampler.coupled_sample(p, proposed, opts.races.at(start, k + 1)[None])
-            else:
-                u, e = sampler.random_inputs(1, k, opts.vocab, opts.generator, opts.device, one_hot=opts.greedy)
-                out, n = sampler.rejection_sample(p, torch.stack(qs)[None], proposed, u, e)
-            n = int(n)
-            new = out[0, :n + 1].tolist()
-        target.truncate(start + n)
-        draft.truncate(min(draft.length, start + n))
-        stats.target_passes += 1
-        stats.draft_passes += k
-        stats.drafted += k
-        stats.accepted += n
-        stats.ks.append(k)
-        tokens.extend(new)
-        if opts.k == "auto":
-            history = (history + [(k, n)])[-32:]
-            k = best_k(history, costs)
-        return new
-    yield from gated(step, target, draft, tokens, opts, stats, auto=opts.k == "auto")
+    plan, tokens, start = run.policy.plan(), run.tokens, len(run.tokens)
+    if not plan.drafts:
+        return ar_step(target, draft, run, opts)
+    drafts, qs, qx = [], [], []             # qs: the draft's distributions; qx: q of each draft token
+    while plan.more(qx):                 # draft: one token at a time, each drawn by its position's race
+        logits = feed(draft, tokens + drafts)[0, -1, :run.vocab]
+        q = opts.settings.probs(logits)
+        e = run.races.at(start + len(drafts))[0] if opts.verify == "coupled" else exponentials(run, opts)
+        drafts.append(int(sampler.draw(q, e)))
+        qs.append(q)
+        qx.append(float((q if opts.settings.temperature else sampler.probs(logits))[drafts[-1]]))
+    k = len(drafts)                         # verify: one target pass over the K + 1 positions
+    p, proposed = opts.settings.probs(feed(target, tokens, drafts, last=k + 1)[:, :, :run.vocab]), torch.tensor([drafts])
+    if opts.verify == "coupled":
+        out, n = sampler.coupled_sample(p, proposed.to(run.device), run.races.at(start, k + 1)[None])
+    else:
+        u, e = sampler.random_inputs(1, k, run.vocab, run.generator, run.device, one_hot=opts.greedy)
+        out, n = sampler.rejection_sample(p, torch.stack(qs)[None], proposed.to(run.device), u, e)
+    n = int(n)                              # accept: n drafts and the target's token; roll the caches back
+    target.truncate(start + n)
+    draft.truncate(min(draft.length, start + n))
+    return Step(out[0, :n + 1].tolist(), tree.Tree.chain(drafts, qx), list(range(n)))
 
 
-def exponentials(opts):
+def exponentials(run, opts):
     """E ~ Exp(1) over the vocabulary: one exponential race (sampler.draw); ones when greedy."""
-    return sampler.exponentials(opts.vocab, generator=opts.generator, device=opts.device, one_hot=opts.greedy)
+    return sampler.exponentials(run.vocab, generator=run.generator, device=run.device, one_hot=opts.greedy)
 
 
-def decode_tree(target, draft, tokens, opts, stats):
+def tree_step(target, draft, run, opts):
     """Grow a token tree with the draft, verify it in one target pass, keep the accepted path."""
-    sizer = tree.AutoSize(draft.config.layer_weights / target.config.layer_weights) if opts.tree_size == "auto" else None
-    lookup = tree.Lookup() if opts.lookup == "auto" else None
-    coupled = opts.verify == "coupled"
-
-    def step():
-        start, t0 = len(tokens), time.perf_counter()
-        warm, fed = target.length > 0, draft.length > 0     # the prompt passes are no step's cost
-        with Timer(stats, "t_draft", draft.device):
-            t = tree.grow(draft, tokens, opts.settings, opts.vocab, opts.generator, opts.budget, sizer,
-                          races=opts.races if coupled else None, lookup=lookup)
-        with Timer(stats, "t_target", target.device) as timer:
-            logits = tree.score(target, tokens, t)[0, :, :opts.vocab]
-        if sizer and warm:
-            sizer.costs.add_target(len(t.tokens) + 1, timer.seconds)
-        with Timer(stats, "t_sample", target.device):
-            p = opts.settings.probs(logits)
-            if coupled:
-                path, new = tree.verify_coupled(t, p, opts.races.at(start, max(t.depths, default=0) + 1))
-            else:
-                path, new = tree.verify(t, p, opts.generator, one_hot=opts.greedy)
-        tree.compact(target, draft, start, t, path)
-        if sizer:
-            sizer.observe(t, path)
-            seconds = time.perf_counter() - t0
-            if not warm and not t.levels:             # the target's prompt pass alone: it prices catch-ups
-                sizer.add_prompt(start, seconds)
-            elif warm and (fed or not t.levels):      # any later step but the one that fed the draft its prompt
-                sizer.add_step(t, path, seconds)
-        if lookup:
-            lookup.observe(t, path)
-        stats.target_passes += 1
-        stats.draft_passes += t.levels
-        stats.drafted += len(t.tokens)
-        stats.accepted += len(path)
-        stats.from_lookup += sum(t.sources[i] == "lookup" for i in path)
-        stats.ks.append(len(path))
-        if opts.on_tree:
-            opts.on_tree(t, path, new)
-        tokens.extend(t.tokens[i] for i in path)
-        tokens.append(new)
-        return [t.tokens[i] for i in path] + [new]
-    yield from gated(step, target, draft, tokens, opts, stats, auto=opts.tree_size == "auto")
+    tokens, start = run.tokens, len(run.tokens)
+    guess, match = tree.continuation(tokens) if opts.lookup == "auto" else ([], 0)
+    g = tree.Growth(opts.settings, opts.budget, run.vocab, run.generator,
+                    run.races if opts.verify == "coupled" else None, start, guess)
+    t = tree.grow(draft, tokens, run.policy.plan(guess, match), g)
+    p = opts.settings.probs(tree.score(target, tokens, t)[0, :, :run.vocab])
+    if opts.verify == "coupled":
+        path, new = tree.verify_coupled(t, p, run.races.at(start, max(t.depths, default=0) + 1))
+    else:
+        path, new = tree.verify(t, p, run.generator, one_hot=opts.greedy)
+    tree.compact(target, draft, start, t, path)
+    return Step([t.tokens[i] for i in path] + [new], t, path)
 
 
-DECODERS = {"ar": decode_ar, "chain": decode_chain, "tree": decode_tree}
+STEPS = {"ar": ar_step, "chain": chain_step, "tree": tree_step}
 
 
 @dataclass
 class Options:
+    """The user's choices for one generate() call; generate never writes them."""
     mode: str = "tree"
     settings: Settings = field(default_factory=Settings)
     max_new_tokens: int = 128
     k: object = "auto"                      # chain: int or "auto"
     budget: tree.Budget = field(default_factory=tree.Budget)
-    tree_size: str = "auto"                 # tree: "auto" (AutoSize) or "fixed" (fill the budgets)
+    tree_size: str = "auto"                 # tree: "auto" (policy.Auto) or "fixed" (fill the budgets)
     verify: str = "coupled"                 # "coupled" (a seed reproduces ar's sample) or "rejection"
     lookup: str = "auto"                    # tree: "auto" (lookup candidates where they pay) or "off"
-    on_tree: object = None                  # callback(tree, accepted path, emitted token) per step
-    vocab: int = 0                          # set by generate: the shared tokenizer's size
-    device: object = "cpu"
-    generator: object = None                # rejection sampling's random numbers
-    races: object = None                    # sampler.Races: the exponentials of each output position
+    on_tree: object = None                  # callback(tree, accepted path, emitted token) per tree step
 
     @property
     def greedy(self):
         return self.settings.temperature == 0
 
+    @property
+    def auto(self):
+        return (self.mode == "chain" and self.k == "auto") or (self.mode == "tree" and self.tree_size == "auto")
+
+    @property
+    def headroom(self):
+        """Cache slots one step may add beyond the output: its widest pass."""
+        return {"ar": 1, "chain": (policy.K_MAX if self.k == "auto" else self.k) + 1,
+                "tree": self.budget.max_total_nodes + 1}[self.mode]
+
     def check(self):
         """Refuse options that make no sense, before any model loads; one line each."""
-        if self.mode not in DECODERS:
-            raise SpecError(f"mode must be one of {', '.join(DECODERS)}, got {self.mode!r}")
+        if self.mode not in STEPS:
+            raise SpecError(f"mode must be one of {', '.join(STEPS)}, got {self.mode!r}")
         if not whole(self.max_new_tokens) or self.max_new_tokens < 1:
             raise SpecError(f"max-new-tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
         if self.k != "auto" and (not whole(self.k) or self.k < 1):
             raise SpecError(f"k must be a whole number >= 1 or 'auto', got {self.k!r}")
-        if self.tree_size not in ("auto", "fixed"):
-            raise SpecError(f"tree_size must be 'auto' or 'fixed', got {self.tree_size!r}")
-        if self.lookup not in ("auto", "off"):
-            raise SpecError(f"lookup must be 'auto' or 'off', got {self.lookup!r}")
-        if self.verify not in ("coupled", "rejection"):
-            raise SpecError(f"verify must be 'coupled' or 'rejection', got {self.verify!r}")
+        for name, value, allowed in (("tree_size", self.tree_size, ("auto", "fixed")),
+                                     ("lookup", self.lookup, ("auto", "off")),
+                                     ("verify", self.verify, ("coupled", "rejection"))):
+            if value not in allowed:
+                raise SpecError(f"{name} must be {' or '.join(map(repr, allowed))}, got {value!r}")
         b = self.budget
         for name in ("max_depth", "max_nodes_per_level", "max_total_nodes", "branch"):
             if not whole(getattr(b, name)) or getattr(b, name) < 1:
@@ -404,40 +290,53 @@ def check_pair(target, draft):
 def generate(prompt_ids, target, draft, opts: Options, on_tokens=None):
     """Generate up to opts.max_new_tokens after prompt_ids. target/draft: (model, tokenizer).
     Returns (new token ids, Stats)."""
+    run = start(prompt_ids, target, draft, opts)
+    model, draft, stats, out = target[0], draft and draft[0], run.stats, []
+    t0 = time.perf_counter()
+    while len(out) < opts.max_new_tokens:
+        step = (STEPS[opts.mode] if out else ar_step)(model, draft, run, opts)   # first: the prompt's pass
+        run.policy.observe(step)
+        stats.record(step)
+        if opts.on_tree and opts.mode == "tree" and out:
+            opts.on_tree(step.tree, step.path, step.tokens[-1])
+        run.tokens.extend(step.tokens)
+        stop = next((i for i, t in enumerate(step.tokens) if t in target[1].stop_ids), None)
+        stats.ttft = stats.ttft or time.perf_counter() - t0
+        out += step.tokens[:stop][:opts.max_new_tokens - len(out)]
+        if on_tokens:
+            on_tokens(out)
+        if stop is not None:
+            break
+    stats.seconds, stats.new_tokens = time.perf_counter() - t0, len(out)
+    return out, stats
+
+
+def start(prompt_ids, target, draft, opts: Options):
+    """Check the request, make its caches (and, for an auto mode, its policy), and its Run."""
     model, tok = target
     opts.check()
     if not prompt_ids:
         raise SpecError("the prompt is empty")
     if opts.mode != "ar" and draft is None:
         raise SpecError(f"--mode {opts.mode} needs a draft model")
-    headroom = {"ar": 1, "chain": 13 if opts.k == "auto" else opts.k + 1, "tree": opts.budget.max_total_nodes + 1}[opts.mode]
-    need, context = len(prompt_ids) + opts.max_new_tokens + headroom, model.config.max_seq_len
+    need, context = len(prompt_ids) + opts.max_new_tokens + opts.headroom, model.config.max_seq_len
     if draft is not None:
         context = min(context, draft[0].config.max_seq_len)
     if need > context:
         raise SpecError(f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {opts.max_new_tokens} "
                         f"exceed the model's context of {context} tokens")
-    opts.vocab = max(tok.vocab().values()) + 1
-    opts.device = model.device
-    opts.generator = torch.Generator(device=model.device).manual_seed(opts.settings.seed)
-    opts.races = sampler.Races(opts.settings.seed, opts.vocab, model.device, one_hot=opts.greedy)
-    model.setup_cache(need)
-    if draft is not None:
-        draft[0].setup_cache(need)
-    stats, out, tokens = Stats(mode=opts.mode, prompt_tokens=len(prompt_ids)), [], list(prompt_ids)
-    t0 = time.perf_counter()
-    for new in DECODERS[opts.mode](model, draft and draft[0], tokens, opts, stats):
-        if not out:
-            stats.ttft = time.perf_counter() - t0
-        stop = next((i for i, t in enumerate(new) if t in tok.stop_ids), None)
-        new = new[:stop][:opts.max_new_tokens - len(out)]
-        out += new
-        if on_tokens:
-            on_tokens(out)
-        if stop is not None or len(out) >= opts.max_new_tokens:
-            break
-    stats.seconds, stats.new_tokens = time.perf_counter() - t0, len(out)
-    return out, stats
+    if opts.auto:
+        chooser = policy.Auto(policy.costs(model, "target"), policy.costs(draft[0], "draft"))
+    else:
+        chooser = policy.Fixed(opts.budget, opts.k)
+    for m in (model, draft and draft[0]):
+        if m is not None:
+            m.setup_cache(need)
+    vocab = max(tok.vocab().values()) + 1
+    return Run(list(prompt_ids), vocab, model.device,
+               torch.Generator(device=model.device).manual_seed(opts.settings.seed),
+               sampler.Races(opts.settings.seed, vocab, model.device, one_hot=opts.greedy), chooser,
+               Stats(mode=opts.mode, prompt_tokens=len(prompt_ids)))
 
 
 _loaded = {}
@@ -520,7 +419,7 @@ class Parser(argparse.ArgumentParser):
 def parse_args(argv):
     p = Parser(description="Speculative decoding (autoregressive, chain, tree) for Llama/Qwen models.")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt; '-' reads stdin")
-    p.add_argument("--mode", choices=DECODERS, default="tree",
+    p.add_argument("--mode", choices=STEPS, default="tree",
                    help="default: tree with --tree auto, the fastest mode bench.py measured on the demo pair")
     p.add_argument("--target", default=weights.DEMO_TARGET, help="HuggingFace folder or demo name")
     p.add_argument("--draft", default=weights.DEMO_DRAFT, help="HuggingFace folder or demo name")
@@ -544,7 +443,7 @@ def parse_args(argv):
                         "every mode; rejection: rejection sampling (accepts slightly more, text varies with the draft)")
     p.add_argument("--lookup", choices=("auto", "off"), default="auto",
                    help="tree: also propose what followed the last few tokens where they occurred before in the "
-                        "prompt or output, at no draft cost, where the cost model expects gain (editing)")
+                        "prompt or output, at no draft cost, where the policy expects gain (editing)")
     p.add_argument("--children", choices=("auto", "top-k", "sample"), default="auto",
                    help="tree, --verify rejection: top-k candidates or i.i.d. draws (auto: draws when temperature > 0)")
     p.add_argument("--viz", metavar="PNG", help="tree: draw the step with the most nodes")
@@ -601,10 +500,10 @@ def main(argv=None):
     if steps:
         tok = load_pair(a.target, None, a.device, getattr(torch, a.dtype))[0][1]
         if a.viz:
-            tree.draw(*max(steps, key=lambda s: len(s[0].tokens)), tok, a.viz)
+            tree.render(*max(steps, key=lambda s: len(s[0].tokens)), tok, a.viz)
             print(f"[specdecode] wrote {a.viz}", file=sys.stderr)
         if a.viz_dir:
-            print(f"[specdecode] wrote {tree.draw_all(steps, tok, a.viz_dir)}", file=sys.stderr)
+            print(f"[specdecode] wrote {tree.render_all(steps, tok, a.viz_dir)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
@@ -616,3 +515,6 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("\nspecdecode: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:                  # the reader left (| head): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (no second error at exit's flush)
+        sys.exit(141)                        # 128 + SIGPIPE, the status of a tool the pipe ended

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import model
+import policy
 import sampler
 import specdecode as sd
 import tree
@@ -252,14 +253,14 @@ def test_int4_draft_keeps_greedy_exact(tmp_path):
 def test_draft_equal_to_target_accepts_everything(tmp_path):
     folder = tiny_model(tmp_path, vocab=16, scale=2.0)
     out, stats = run(load(folder), load(folder), [1, 2], "chain", k=4, max_new_tokens=40)
-    assert stats.acceptance == 1.0 and stats.tokens_per_pass == pytest.approx(5.0, abs=0.01)
+    assert stats.acceptance == 1.0 and stats.ks == [4] * 8 and stats.target_passes == 1 + 8   # the prompt's, then 5 a pass
 
 
 @pytest.mark.parametrize("temperature, top_p", [(0.8, 1.0), (1.0, 0.9)])
 def test_coupled_decoding_samples_what_ar_samples(pair, temperature, top_p, monkeypatch):
     """Coupled verification: for one seed, every chain and tree emits exactly the tokens ar
     samples, whatever K and tree shape, and whatever the clock says (a random clock stands in
-    for a loaded machine: it drives AutoSize, best_k, the Gate and max_time)."""
+    for a loaded machine: it drives the cost table the auto modes plan with, and max_time)."""
     target, draft = pair
     rng, now = random.Random(0), [0.0]
 
@@ -278,27 +279,42 @@ def test_coupled_decoding_samples_what_ar_samples(pair, temperature, top_p, monk
                 assert run(target, draft, [3, 1], "tree", tree_size=size, budget=budget, **kw)[0] == want
 
 
-def test_gate_drops_a_draft_that_does_not_pay():
-    """Gate: speculation measured at 0.8 tokens/s against 1.0 for plain steps. After 8
-    speculative steps a plain one is tried and wins; speculation is then tried after 8, 16,
-    32, 64, 64 plain steps. The other way round (1.2 against 1.0), plain steps are tried
-    after 8, 16, 32, 64, 64 speculative ones."""
-    for slow in (True, False):
-        gate, kinds = sd.Gate(), []
-        for _ in range(200):
-            speculate = gate.speculate()
-            kinds.append(speculate)
-            gate.observe(speculate, 1.2 if speculate else 1.0, (1.5 if slow else 1.0) if speculate else 1.0)
-        others = [i for i, k in enumerate(kinds) if k == slow]      # steps of the kind that loses
-        assert others == (list(range(8)) + [17, 34, 67, 132, 197] if slow else [8, 25, 58, 123, 188])
+def step_of(n_tokens, levels=1, nodes=1):
+    """A Step record as a policy sees it: n tokens emitted, a chain of `nodes` drafted."""
+    t = tree.Tree.chain([1] * nodes, [0.5] * nodes)
+    t.levels = levels
+    return sd.Step([0] * n_tokens, t, list(range(min(n_tokens - 1, nodes))))
+
+
+def test_a_draft_that_does_not_pay_gives_plain_steps_and_is_tried_again():
+    """The zero-size plan: a draft whose recent steps gave fewer tokens per priced second than
+    a plain step (1 token per target.seconds(1)) is not run, and is tried again after RECENT
+    plain steps. One that pays keeps drafting."""
+    flat = policy.Costs((1, 32), (1.0, 1.0))
+    for tokens, pays in ((1, False), (3, True)):       # 1 token per step (1.2 s) loses to 1 per 1 s
+        p = policy.Auto(flat, policy.Costs((1, 32), (0.2, 0.2)))
+        assert p.plan().drafts                         # no record yet: try the draft
+        for _ in range(policy.RECENT):
+            p.observe(step_of(tokens))
+        kinds = []
+        for _ in range(2 * policy.RECENT + 2):
+            plan = p.plan()
+            kinds.append(plan.drafts)
+            p.observe(step_of(tokens) if plan.drafts else step_of(1, levels=0, nodes=0))
+        assert kinds == ([True] * len(kinds) if pays else ([False] * policy.RECENT + [True]) * 2)
 
 
 def test_plain_steps_between_speculative_ones_keep_the_output(pair, monkeypatch):
     """A plain step leaves the draft's cache behind; the next speculative step feeds it what it
     lacks. Forced steps speculate, plain, plain, ...: greedy and coupled outputs are still ar's."""
     target, draft = pair
-    flips = itertools.cycle([True, False, False])
-    monkeypatch.setattr(sd.Gate, "speculate", lambda self: next(flips))
+    flips, plan = itertools.cycle([True, False, False]), policy.Auto.plan
+
+    def forced(self, *a):
+        p = plan(self, *a)
+        p.drafts = next(flips)
+        return p
+    monkeypatch.setattr(policy.Auto, "plan", forced)
     accepted = {"chain": 0, "tree": 0}
     for temperature in (0.0, 0.9):
         want, _ = run(target, None, [2, 9], "ar", temperature=temperature, seed=3, max_new_tokens=30)
@@ -310,127 +326,100 @@ def test_plain_steps_between_speculative_ones_keep_the_output(pair, monkeypatch)
 
 
 def test_lookup_proposes_what_followed_the_latest_earlier_occurrence():
-    lookup = tree.Lookup(most=3)
-    assert lookup.continuation([1, 2, 3, 4, 9, 1, 2, 3]) == ([4, 9, 1], 3)       # the longest suffix that recurs: 3
-    assert lookup.continuation([1, 2, 9, 1, 2, 8, 1, 2]) == ([8, 1, 2], 2)       # the latest occurrence, not the first
-    assert lookup.continuation([1, 2, 3]) == ([], 0)
-    assert lookup.continuation([5, 1, 7, 1]) == ([], 0)                        # one token recurs by chance
+    assert tree.continuation([1, 2, 3, 4, 9, 1, 2, 3], most=3) == ([4, 9, 1], 3)   # the longest suffix that recurs: 3
+    assert tree.continuation([1, 2, 9, 1, 2, 8, 1, 2], most=3) == ([8, 1, 2], 2)   # the latest occurrence, not the first
+    assert tree.continuation([1, 2, 3]) == ([], 0)
+    assert tree.continuation([5, 1, 7, 1]) == ([], 0)                        # one token recurs by chance
     copied = [1, 2, 3, 4, 5, 6, 7, 9, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7]  # which 2..7 is being copied?
-    assert lookup.continuation(copied) == ([9, 2, 3], 7)                       # the one after 1: the longest match
+    assert tree.continuation(copied, most=3) == ([9, 2, 3], 7)              # the one after 1: the longest match
 
 
 def test_lookup_counts_per_match_length_give_the_chance_of_each_run():
-    """observe() judges the last proposal by its match length alone (4 and more pooled):
-    accepted / reached of its lookup nodes (reached: the parent was accepted), after a 0.9
-    decay. runs(j) is E[r^j] under Beta(accepted, reached - accepted), as sampling r says."""
-    lookup = tree.Lookup()
-    assert lookup.propose([1, 2, 3, 9, 1, 2, 3]) == [9, 1, 2, 3] and lookup.matched == 3
-    assert lookup.runs(2) == pytest.approx([0.25, 0.25 * 1.25 / 2])
-    t = tree.Tree(tokens=[9, 1, 7], parents=[-1, 0, -1], depths=[1, 2, 1], sources=["both", "lookup", "draft"])
-    lookup.observe(t, [0])                                      # 9 accepted, then 1 rejected
-    assert lookup.counts[3] == pytest.approx([0.225 + 1, 0.9 + 2]) and lookup.counts[2] == [0.25, 1.0]
-    a, reached = lookup.counts[3]
+    """observe() judges a step's lookup tokens by its match length alone (4 and more pooled):
+    accepted / judged (the parent was accepted), after a 0.9 decay. runs(j) is E[r^j] under
+    Beta(accepted, judged - accepted), as sampling r says."""
+    rates = policy.LookupRates()
+    assert rates.runs(3, 2) == pytest.approx([0.25, 0.25 * 1.25 / 2])
+    t = tree.Tree(tokens=[9, 1, 7], parents=[-1, 0, -1], depths=[1, 2, 1], q=[0.5, float("nan"), 0.3],
+                  sources=["both", "lookup", "draft"])
+    rates.observe(t, [0], 3)                                   # 9 accepted, then 1 rejected
+    assert rates.counts[3] == pytest.approx([0.225 + 1, 0.9 + 2]) and rates.counts[2] == [0.25, 1.0]
+    a, judged = rates.counts[3]
     torch.manual_seed(0)
-    r = torch.distributions.Beta(torch.tensor(a, dtype=torch.float64), torch.tensor(reached - a, dtype=torch.float64))
+    r = torch.distributions.Beta(torch.tensor(a, dtype=torch.float64), torch.tensor(judged - a, dtype=torch.float64))
     r = r.sample((200_000,))
     want = [float((r ** j).mean()) for j in range(1, 9)]       # standard errors below 0.0011
-    assert lookup.runs(8) == pytest.approx(want, abs=0.005)
-    lookup.propose([5, 6, 7, 8, 9, 0, 5, 6, 7, 8, 9])
-    assert lookup.matched == 4                                  # a 5-token match counts with the 4-token ones
+    assert rates.runs(3, 8) == pytest.approx(want, abs=0.005)
+    assert rates.runs(5, 3) == rates.runs(4, 3)                 # a 5-token match counts with the 4-token ones
 
 
-def test_lookup_tokens_keep_greedy_exact_and_are_accepted(pair):
-    """With lookup candidates and chains in the tree (prompt [3, 1, 3]: the tiny target soon
-    repeats itself), greedy output is still the target's; some accepted tokens came from
-    the lookup alone; with --lookup off none do."""
-    target, draft = pair
-    want, _ = run(target, None, [3, 1, 3], "ar", max_new_tokens=40)
-    budget = tree.Budget(max_total_nodes=40)
-    for size in ("auto", "fixed"):
-        out, stats = run(target, draft, [3, 1, 3], "tree", tree_size=size, budget=budget, max_new_tokens=40,
-                         lookup="auto")
-        assert out == want and (stats.from_lookup > 0 or size == "auto")
-    out, stats = run(target, draft, [3, 1, 3], "tree", tree_size="fixed", budget=budget, max_new_tokens=40, lookup="off")
-    assert out == want and stats.from_lookup == 0
+def test_acceptance_is_calibrated_per_depth_on_the_judged_tokens():
+    """c_d = accepted / summed q of the tokens the target judged at depth d (decayed by 0.9,
+    from a prior of 1 / 1); tokens under a rejected parent, and lookup tokens (nan q), are not judged."""
+    a = policy.Acceptance()
+    assert a.c(1) == 1.0 and a.c(20) == 1.0
+    t = tree.Tree(tokens=[5, 6, 7, 8], parents=[-1, -1, 0, 1], depths=[1, 1, 2, 2], q=[0.5, 0.25, 0.5, 0.9],
+                  sources=["draft"] * 4)
+    a.observe(t, [0])                                           # 5 accepted; 6 rejected; 7 judged, 8 not
+    assert a.counts[1] == pytest.approx([1.0 + 1, 1.0 + 0.75]) and a.counts[2] == pytest.approx([1.0, 1.5])
+    assert a.c(1) == pytest.approx(2 / 1.75) and a.c(2) == pytest.approx(1 / 1.5)
 
 
 def assert_cache_holds(m, tokens):
     """m's KV cache holds exactly the keys and values of a fresh pass over the tokens it claims."""
     n = min(m.length, len(tokens))
-    kept = [(a.self_attn.k_cache[:, :, :n].clone(), a.self_attn.v_cache[:, :, :n].clone()) for a in m.model.layers]
+    kept = [(c.k[:, :, :n].clone(), c.v[:, :, :n].clone()) for c in m.caches]
     m.setup_cache(n)
     m(torch.tensor([tokens[:n]]))
-    for (k, v), a in zip(kept, m.model.layers):
-        torch.testing.assert_close(k, a.self_attn.k_cache[:, :, :n])
-        torch.testing.assert_close(v, a.self_attn.v_cache[:, :, :n])
+    for (k, v), c in zip(kept, m.caches):
+        torch.testing.assert_close(k, c.k[:, :, :n])
+        torch.testing.assert_close(v, c.v[:, :, :n])
 
 
-def test_a_lookup_only_step_is_the_continuation_as_a_chain_from_the_root(pair, monkeypatch):
-    """A lookup-only step (forced as below) feeds the draft nothing, and its tree is the
-    continuation after the 3-token match, one lookup node per depth, as long as it pays."""
+def test_a_lookup_only_step_is_the_continuation_as_a_chain_from_the_root(pair):
+    """Where the lookup's chain alone is expected to beat the draft's recent steps (here:
+    trusted lookups, a flat target cost, a draft that gave one token a step), the plan drafts
+    nothing and the tree is the continuation after the 3-token match, one lookup node per
+    depth: no draft forward."""
     draft = pair[1]
-    monkeypatch.setattr(tree.Costs, "target_pass", lambda self, n: 1.0 + 0.01 * n)
-    monkeypatch.setattr(tree.AutoSize, "measured", property(lambda self: 0.0))
-    lookup = tree.Lookup()
-    lookup.counts[3] = [9.0, 10.0]
+    p = policy.Auto(policy.Costs((1, 32), (1.0, 1.1)), policy.Costs((1, 32), (0.5, 0.5)))
+    p.lookup.counts[3] = [9.0, 10.0]
+    for _ in range(policy.RECENT):
+        p.observe(step_of(1))
+    tokens = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3]
+    guess, match = tree.continuation(tokens)
+    plan = p.plan(guess, match)
     draft.setup_cache(64)
-    t = tree.grow(draft, [1, 2, 3, 4, 5, 6, 7, 1, 2, 3], sd.Settings(), 16, None, tree.Budget(), tree.AutoSize(),
-                  lookup=lookup)
-    assert draft.length == 0 and t.levels == 0
+    t = tree.grow(draft, tokens, plan, tree.Growth(sd.Settings(), tree.Budget(), 16, None, None, len(tokens), guess))
+    assert not plan.drafts and draft.length == 0 and t.levels == 0
     assert t.tokens == [4, 5, 6, 7, 1, 2, 3] and t.parents == [-1, 0, 1, 2, 3, 4, 5] and t.depths == [1, 2, 3, 4, 5, 6, 7]
     assert set(t.sources) == {"lookup"} and all(math.isnan(q) for q in t.q)
     assert [[c.token for c in t.candidates[i]] for i in range(-1, 7)] == [[4], [5], [6], [7], [1], [2], [3], []]
 
 
 def test_lookup_only_steps_keep_the_output_and_the_caches(pair, monkeypatch):
-    """Where AutoSize expects the lookup's chain alone to beat the draft's measured trees
-    (forced: the draft's trees measure 0 tokens/s, a target pass costs 1 + 0.01 s a token),
-    a step is lookup-only: no draft forward (levels 0), a chain from the root. Greedy and
-    coupled outputs are still ar's, and both caches then hold exactly the prefix they claim:
-    the draft, skipped by those steps, caught up. Where the draft's trees measure faster
-    than any chain (infinite), only the prompt pass and the first one-token step (a rent
-    that times a plain step) go without the draft: the prompt is short, so cheap to feed."""
+    """Steps forced to draft nothing (lookup chains alone, or plain steps) between drafted
+    ones: greedy and coupled outputs are still ar's, and both caches then hold exactly the
+    prefix they claim: the draft, skipped by those steps, caught up."""
     target, draft = pair
-    monkeypatch.setattr(tree.Costs, "target_pass", lambda self, n: 1.0 + 0.01 * n)
-    monkeypatch.setattr(tree.Costs, "draft_pass", lambda self, n: 0.2 + 0.01 * n)
-    monkeypatch.setattr(sd.Gate, "speculate", lambda self: True)
-    for measured in (0.0, math.inf):
-        monkeypatch.setattr(tree.AutoSize, "measured", property(lambda self: measured))
-        for temperature in (0.0, 0.9):
-            want, _ = run(target, None, [3, 1, 3], "ar", temperature=temperature, seed=5, max_new_tokens=40)
-            steps = []
-            out, stats = run(target, draft, [3, 1, 3], "tree", temperature=temperature, seed=5, max_new_tokens=40,
-                             on_tree=lambda t, path, new: steps.append((t.levels, len(path))))
-            assert out == want
-            alone = [n for levels, n in steps[2:] if levels == 0]
-            assert [levels for levels, _ in steps[:2]] == [0, 0] and any(levels > 0 for levels, _ in steps)
-            if measured == 0:
-                assert alone and (temperature > 0 or sum(alone) > 0)
-            else:
-                assert not alone
-            for m in (target, draft):
-                assert_cache_holds(m, [3, 1, 3] + out)
+    plan = policy.Auto.plan
+    for temperature in (0.0, 0.9):
+        flips = itertools.cycle([False, False, True])
 
-
-def test_the_draft_is_left_behind_until_the_steps_without_it_cost_its_catch_up():
-    """AutoSize.renting (ski rental): a draft lacking many tokens is left behind while the
-    one-token steps taken without it since it was last fed, plus one more, cost less than
-    feeding it those tokens (priced from the target's timed prompt pass and the draft's
-    share of its FLOPs); a step the draft grew ends the rent; a short lag is fed at once."""
-    s, plain, drafted = tree.AutoSize(draft_share=0.25), tree.Tree(), tree.Tree(levels=1)
-    assert s.renting(400)                                  # the price is unknown before the prompt pass
-    s.add_prompt(400, 4.0)                                 # the draft: 2.5 ms a token
-    assert s.catch_up_per_token == pytest.approx(0.0025)
-    s.costs.add_target(1, 0.3)
-    for _ in range(3):                                     # price of 400 more tokens: 1 s; rents 0.3 s each
-        assert s.renting(401)
-        s.add_step(plain, [], 0.3)
-    assert not s.renting(401) and s.rent == pytest.approx(0.9)
-    s.add_step(plain, [0], 0.3)                            # a step the lookup served is no rent
-    assert s.rent == pytest.approx(0.9)
-    s.add_step(drafted, [0], 0.5)
-    assert s.rent == 0 and s.renting(401) and s.measured == pytest.approx(2 / 0.5)
-    assert not s.renting(100) and not s.renting(1)          # 99 tokens cost 0.25 s: less than one rent
+        def forced(self, *a):
+            p = plan(self, *a)
+            p.drafts = next(flips)
+            p.drafting = self.draft.seconds(1)
+            return p
+        monkeypatch.setattr(policy.Auto, "plan", forced)
+        want, _ = run(target, None, [3, 1, 3], "ar", temperature=temperature, seed=5, max_new_tokens=40)
+        steps = []
+        out, stats = run(target, draft, [3, 1, 3], "tree", temperature=temperature, seed=5, max_new_tokens=40,
+                         on_tree=lambda t, path, new: steps.append((t.levels, len(t.tokens))))
+        assert out == want and any(levels > 0 for levels, _ in steps)
+        assert any(levels == 0 and nodes > 0 for levels, nodes in steps)     # a lookup chain without the draft
+        for m in (target, draft):
+            assert_cache_holds(m, [3, 1, 3] + out)
 
 
 def test_one_node_tree_is_autoregressive(pair):
@@ -451,20 +440,21 @@ def test_tree_budgets_hold(pair):
         assert len(t.tokens) <= 10 and max(t.depths) <= 5
         assert all(t.depths.count(d) <= 3 for d in set(t.depths))
     target.setup_cache(64)
-    slow = tree.grow(target, [1, 2], sd.Settings(), 16, torch.Generator(), tree.Budget(max_time=1e-9))
+    budget = tree.Budget(max_time=1e-9)
+    slow = tree.grow(target, [1, 2], policy.Fixed(budget).plan(),
+                     tree.Growth(sd.Settings(), budget, 16, torch.Generator(), None, 2, []))
     assert slow.levels == 1                          # max_time: one level, then stop
 
 
-def test_costs_price_width():
-    """AutoSize's cost model: a pass over n tokens costs n x the default before any
-    measurement, in proportion to the one size seen, then a + b * n fitted by least squares."""
-    c = tree.Costs()
-    assert c.target_pass(4) == pytest.approx(4.0) and c.draft_pass(3) == pytest.approx(1.5)
-    c.add_target(2, 0.2)
-    assert c.target_pass(4) == pytest.approx(0.4)
-    c.add_target(10, 0.28)
-    c.add_target(6, 0.24)
-    assert c.target_pass(20) == pytest.approx(0.38)
+def test_costs_interpolate_the_table_measured_once(pair):
+    """Costs.seconds: linear between the measured widths, the last segment continued past
+    them; policy.costs times a model once (monotone: a narrower pass is never dearer)."""
+    c = policy.Costs((1, 2, 4), (1.0, 1.0, 1.4))
+    assert c.seconds(1) == 1.0 and c.seconds(3) == pytest.approx(1.2) and c.seconds(8) == pytest.approx(2.2)
+    target = pair[0]
+    measured = policy.costs(target, "target")
+    assert policy.costs(target, "target") is measured and measured.widths == policy.WIDTHS
+    assert list(measured.times) == sorted(measured.times)
 
 
 def test_padding_rows_are_never_proposed(tmp_path):
@@ -848,12 +838,12 @@ def test_tree_picture(tmp_path, pair):
         tree_size="fixed", max_new_tokens=10, on_tree=lambda t, path, new: steps.append((t, path, new)))
     t, path, new = max(steps, key=lambda s: len(s[0].tokens))
     png = tmp_path / "tree.png"
-    nodes, pruned, statuses = tree.draw(t, path, new, None, png)
+    nodes, pruned, statuses = tree.render(t, path, new, None, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert nodes == len(t.tokens) and statuses.count("accepted") == len(path)
-    assert pruned == sum(c.node < 0 for cs in t.candidates.values() for c in cs)
+    assert pruned == sum(c.node is None for cs in t.candidates.values() for c in cs)
     assert statuses.count("rejected") == sum(1 for i, par in enumerate(t.parents) if par in {-1, *path} and i not in path)
-    gif = tree.draw_all(steps[:3], None, tmp_path / "frames")
+    gif = tree.render_all(steps[:3], None, tmp_path / "frames")
     assert gif.is_file() and len(list((tmp_path / "frames").glob("step_*.png"))) == 3
 
 
@@ -1053,17 +1043,23 @@ def test_demo_pair_every_mode_emits_ar_s_tokens(demo_fp32, temperature):
 
 def test_demo_pair_edits_with_lookup_as_ar_does(demo_fp32, monkeypatch):
     """Returning an edited function on the real pair: tree auto (lookup on) gives ar's greedy
-    tokens and takes some from the lookup alone, both as timed and with every step that has
-    a lookup continuation forced to be lookup-only (the draft's trees measured at 0 tokens/s)."""
+    tokens and takes some from the lookup alone, both as planned and with every step that has
+    a lookup continuation forced to be lookup-only."""
     target, draft = demo_fp32
     source = ("def mean(xs):\n    total = 0\n    for x in xs:\n        total += x\n    return total / len(xs)\n"
               "\n\ndef spread(xs):\n    m = mean(xs)\n    return max(xs) - min(xs), m\n")
     ids = demo_ids(target[1], "Rename mean to average everywhere and return the whole code:\n\n```python\n"
                    + source + "```")
     want, _ = sd.generate(ids, target, None, sd.Options(mode="ar", max_new_tokens=40))
+    plan = policy.Auto.plan
+
+    def lookup_alone(self, guess=(), match=0):
+        p = plan(self, guess, match)
+        p.drafts = p.drafts and not guess
+        return p
     for forced in (False, True):
         if forced:
-            monkeypatch.setattr(tree.AutoSize, "measured", property(lambda self: 0.0))
+            monkeypatch.setattr(policy.Auto, "plan", lookup_alone)
         levels = []
         out, stats = sd.generate(ids, target, draft, sd.Options(
             mode="tree", max_new_tokens=40, on_tree=lambda t, path, new: levels.append(t.levels)))
@@ -1076,7 +1072,7 @@ def test_demo_draft_as_its_own_draft_accepts_every_greedy_node():
     token is the target's own (one plain pass over the whole output). Wrong draft positions,
     masks or compaction in tree.grow would only slow decoding and pass every other test."""
     target, draft = sd.load_pair(weights.DEMO_DRAFT, weights.DEMO_DRAFT, "cpu", torch.float32, "none")
-    budget, ids, q = tree.Budget(max_depth=4, branch=2, max_nodes_per_level=16), demo_ids(target[1]), []
+    budget, ids, q = tree.Budget(max_depth=4, branch=2, max_nodes_per_level=16), demo_ids(target[1]), [None]
     out, stats = sd.generate(ids, target, draft, sd.Options(
         mode="tree", tree_size="fixed", budget=budget, max_new_tokens=20,
         on_tree=lambda t, path, new: q.extend([t.q[i] for i in path] + [None])))

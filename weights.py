@@ -129,7 +129,10 @@ class Tokenizer:
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             raise WeightsError(f"{path} has no tokenizer.json")
-        tk = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        try:
+            tk = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:                       # tokenizers raises a bare Exception on a corrupt file
+            raise WeightsError(f"cannot read {path / 'tokenizer.json'}: {e}") from None
         tc = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
         stop = set()
         for f in ("config.json", "generation_config.json"):
