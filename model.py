@@ -17,11 +17,14 @@ whole cached prefix unless the mask covers it too. `truncate(n)` rolls the cache
 Module names follow the HuggingFace checkpoints so weights load by name.
 
 Batch invariance: after the prompt's pass, a position's logits are the same bits whether
-the pass holds 1 token (autoregressive decoding), K + 1 (a chain) or a whole tree, so
-speculative decoding emits exactly autoregressive decoding's tokens in bfloat16 too.
-Every op works row by row except two, which are made invariant: each linear sees at
-least MIN_ROWS rows, and attention takes one path (`grouped_attention`) for every pass
-but the prompt's. The prompt's pass is shared by every mode, so it may take the fast path.
+its causal pass holds 1 token (autoregressive decoding) or K + 1 (a chain), so a chain
+emits exactly autoregressive decoding's tokens in bfloat16 too. Every op works row by row
+except two, made invariant: each linear and attention matmul sees at least MIN_ROWS rows,
+and attention takes one path (`grouped_attention`) for every pass but the prompt's (which
+every mode makes alike, so it may take the fast path). A tree node's ancestors sit at
+scattered cache slots, not contiguous ones as in a one-token pass, so attention sums its
+keys in another order there: trees can still part from autoregressive decoding at bf16
+near-ties.
 
 Decoding one token reads every weight once, so its speed is the memory bandwidth over the
 bytes of weights. Each Linear is therefore prepared once at load (`Transformer.prepare`):
@@ -217,10 +220,12 @@ def grouped_attention(q, k, v, bias):
     queries, and has a fixed cost of about 0.5 ms a layer at one token (4-10x this)."""
     B, H, T, d = q.shape
     KV, S, f = k.shape[1], k.shape[2], bias.dtype
-    scores = torch.baddbmm(bias, q.reshape(B * KV, -1, d).to(f), k.reshape(B * KV, S, d).to(f).transpose(1, 2),
+    rows, pad = H // KV * T, max(0, MIN_ROWS - H // KV * T)       # fewer than 4 rows take another kernel
+    q = F.pad(q.reshape(B * KV, rows, d).to(f), (0, 0, 0, pad))
+    scores = torch.baddbmm(F.pad(bias, (0, 0, 0, pad)), q, k.reshape(B * KV, S, d).to(f).transpose(1, 2),
                            alpha=d ** -0.5)                                   # (B*nkv, G*T, S)
     y = scores.softmax(-1) @ v.reshape(B * KV, S, d).to(f)                    # (B*nkv, G*T, hs)
-    return y.to(q.dtype).reshape(B, H, T, d)
+    return y[:, :rows].to(v.dtype).reshape(B, H, T, d)
 
 
 class RMSNorm(nn.Module):

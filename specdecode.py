@@ -416,7 +416,7 @@ class Parser(argparse.ArgumentParser):
         raise SpecError(message)
 
 
-def parse_args(argv):
+def parser():
     p = Parser(description="Speculative decoding (autoregressive, chain, tree) for Llama/Qwen models.")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt; '-' reads stdin")
     p.add_argument("--mode", choices=STEPS, default="tree",
@@ -452,7 +452,12 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--draft-quant", choices=("int4", "none"), default="int4",
                    help="int4: the draft's one-token steps read 4-bit weights (CPU; about 2x faster), none: --dtype")
-    a = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    """The flags, checked before any model loads."""
+    a = parser().parse_args(argv)
     if a.k != "auto":
         if not a.k.lstrip("-").isdigit() or int(a.k) < 1:
             raise SpecError(f"--k must be a whole number >= 1 or 'auto', got '{a.k}'")

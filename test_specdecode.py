@@ -36,12 +36,14 @@ CONFIGS = {
 }
 
 
-def tiny_model(folder, arch="qwen2", vocab=32, seed=0, layers=2, scale=1.0, rows=None):
-    """Write a random model folder (config.json + model.safetensors); rows pads the embeddings."""
+def tiny_model(folder, arch="qwen2", vocab=32, seed=0, layers=2, scale=1.0, rows=None, **sizes):
+    """Write a random model folder (config.json + model.safetensors); rows pads the embeddings;
+    sizes override config.json's (hidden_size 32, intermediate_size 64, the arch's heads)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = dict(CONFIGS[arch], hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                vocab_size=rows or vocab, max_position_embeddings=256, rms_norm_eps=1e-6, hidden_act="silu")
+    cfg.update(sizes)
     (folder / "config.json").write_text(json.dumps(cfg))
     with torch.device("meta"):
         m = model.Transformer(model.Config.from_dir(folder))
@@ -197,6 +199,24 @@ def test_tree_mask_equals_each_path_alone(tmp_path, seed):
         assert torch.allclose(together[i + 1], alone, atol=1e-9)
     m.setup_cache(64)
     assert torch.allclose(together[0], m(torch.tensor([prefix]))[0, -1], atol=1e-9)
+
+
+@pytest.mark.parametrize("arch, heads", [("qwen2", 8), ("llama3", 6)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_position_s_logits_do_not_depend_on_the_width_of_the_pass(tmp_path, dtype, arch, heads):
+    """Batch invariance (model.py): after the prompt's pass, a causal pass over W = 2..32
+    tokens (a chain's verification) gives every position the same bits as feeding the tokens
+    one at a time, as autoregressive decoding does. Linears packed as at load; the model wide
+    enough (hidden 192-256) that they take their real kernels; 4 and 3 query heads a kv head."""
+    m = load(tiny_model(tmp_path, arch, vocab=64, hidden_size=32 * heads, intermediate_size=512,
+                        num_attention_heads=heads, head_dim=32), dtype)
+    ids = torch.randint(0, 64, (80,), generator=torch.Generator().manual_seed(0)).tolist()
+    m.setup_cache(128)
+    m(torch.tensor([ids[:40]]))                        # the prompt's pass, the same in every mode
+    alone = torch.cat([m(torch.tensor([[x]]))[0] for x in ids[40:72]])
+    for W in range(2, 33):
+        m.truncate(40)
+        assert torch.equal(m(torch.tensor([ids[40:40 + W]]), last=W)[0], alone[:W]), W
 
 
 def test_compact_keeps_the_accepted_path(tmp_path):
@@ -868,6 +888,8 @@ def test_bad_model_folders(tmp_path):
     truncated = tiny_model(tmp_path / "trunc", vocab=8)
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    corrupt = tiny_model(tmp_path / "tok", vocab=8)
+    (corrupt / "tokenizer.json").write_text('{"version": "1.0", "model": ')
     bad_configs = {"list": [], "no-heads": {"num_attention_heads": None}, "sizes": {"intermediate_size": 48}}
     for name, change in bad_configs.items():
         folder = tiny_model(tmp_path / name, vocab=8)
@@ -877,7 +899,7 @@ def test_bad_model_folders(tmp_path):
     for folder, word in ((tmp_path / "missing", "no folder"), (tmp_path / "empty", "config.json"),
                          (unsupported, "unsupported architecture"), (truncated, "cannot read weights"),
                          (tmp_path / "list", "not a JSON object"), (tmp_path / "no-heads", "num_attention_heads"),
-                         (tmp_path / "sizes", "do not fit its config.json")):
+                         (tmp_path / "sizes", "do not fit its config.json"), (corrupt, "tokenizer.json")):
         code, out, err = cli("--mode", "ar", "--target", str(folder), "--prompt", "hi")
         assert_one_line_error(code, err, word)
 
@@ -1009,12 +1031,29 @@ def test_gguf_tokenizer_matches_transformers(name):
         assert ours.tk.decode(ids, skip_special_tokens=False) == hf.decode(ids)
 
 
-def test_cli_greedy_demo_target_writes_code():
-    code, out, err = cli("--mode", "ar", "--temperature", "0", "--max-new-tokens", "48",
-                         "--prompt", "Write a Python function is_even(n) that returns True when n is even.")
-    assert code == 0, err
-    assert "def is_even" in out and "return" in out
-    assert "tokens/s" in err.splitlines()[-1]
+def test_cli_runs_the_demo_pair_and_every_mode_prints_ar_s_text():
+    """The command line on the demo pair (bf16, greedy): the default mode prints the very text
+    --mode ar prints (asserting on the model's words would depend on the CPU's bf16 rounding),
+    and the last line on stderr is the run's statistics."""
+    prompt = ("--prompt", "Write a Python function is_even(n) that returns True when n is even.", "--max-new-tokens", "48")
+    code, want, err = cli("--mode", "ar", *prompt)
+    assert code == 0 and want.strip(), err
+    code, out, err = cli(*prompt)
+    assert code == 0 and out == want, err
+    assert "tokens/s" in err.splitlines()[-1] and "acceptance" in err.splitlines()[-1]
+
+
+def test_stdout_closed_early_ends_quietly():
+    """python specdecode.py | head -c 5: the reader leaves; the run stops at its next write with
+    no traceback and no error line, exit status 141 (128 + SIGPIPE) as Unix tools end."""
+    p = subprocess.Popen([sys.executable, str(HERE / "specdecode.py"), "--mode", "ar", "--target", "SmolLM2-135M-Instruct",
+                          "--max-new-tokens", "200", "--prompt", "Count from one to one hundred in words."],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(p.stdout.read(5)) == 5
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=600) == 141, err
+    assert "Traceback" not in err and "error" not in err
 
 
 @pytest.fixture(scope="module")
