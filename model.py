@@ -17,14 +17,12 @@ whole cached prefix unless the mask covers it too. `truncate(n)` rolls the cache
 Module names follow the HuggingFace checkpoints so weights load by name.
 
 Batch invariance: after the prompt's pass, a position's logits are the same bits whether
-its causal pass holds 1 token (autoregressive decoding) or K + 1 (a chain), so a chain
-emits exactly autoregressive decoding's tokens in bfloat16 too. Every op works row by row
-except two, made invariant: each linear and attention matmul sees at least MIN_ROWS rows,
-and attention takes one path (`grouped_attention`) for every pass but the prompt's (which
-every mode makes alike, so it may take the fast path). A tree node's ancestors sit at
-scattered cache slots, not contiguous ones as in a one-token pass, so attention sums its
-keys in another order there: trees can still part from autoregressive decoding at bf16
-near-ties.
+the pass holds 1 token (autoregressive decoding), K + 1 (a chain) or a tree of any shape,
+so speculative decoding emits exactly autoregressive decoding's tokens in bfloat16 too.
+Every op works row by row except two, made invariant: each linear sees at least MIN_ROWS
+rows, and `attention` sums each query's keys in an order fixed by their positions alone
+(a tree node's ancestors, scattered among its siblings' slots, are read in position
+order). The prompt's pass, the same in every mode, takes SDPA's fast kernel instead.
 
 Decoding one token reads every weight once, so its speed is the memory bandwidth over the
 bytes of weights. Each Linear is therefore prepared once at load (`Transformer.prepare`):
@@ -204,28 +202,57 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def group_bias(mask, G, dtype):
-    """The bool mask [T, S] as grouped_attention's additive bias [G*T, S]: 0 where a query may
-    attend, -inf elsewhere, repeated for the G query heads of a group. Made once per forward."""
-    f = torch.promote_types(dtype, torch.float32)
-    return torch.zeros(mask.shape, dtype=f, device=mask.device).masked_fill_(~mask, float("-inf")).repeat(G, 1)
+BLOCK = 64     # keys per partial sum of attention: each query sums its keys block by block, in position order
 
 
-def grouped_attention(q, k, v, bias):
-    """softmax(q k^T / sqrt(d) + bias) v in float32 at least, every pass after the prompt's:
-    q (B, nh, T, hs), k and v (B, nkv, S, hs), bias from group_bias. The G = nh / nkv query
-    heads that share a key/value head are stacked as G*T rows of one matmul, so the cache is
-    read once, never repeated per head. Measured: a query row's result is the same bits for
-    any T (masked extra keys included); SDPA's CPU kernel splits its work by the number of
-    queries, and has a fixed cost of about 0.5 ms a layer at one token (4-10x this)."""
-    B, H, T, d = q.shape
-    KV, S, f = k.shape[1], k.shape[2], bias.dtype
-    rows, pad = H // KV * T, max(0, MIN_ROWS - H // KV * T)       # fewer than 4 rows take another kernel
-    q = F.pad(q.reshape(B * KV, rows, d).to(f), (0, 0, 0, pad))
-    scores = torch.baddbmm(F.pad(bias, (0, 0, 0, pad)), q, k.reshape(B * KV, S, d).to(f).transpose(1, 2),
-                           alpha=d ** -0.5)                                   # (B*nkv, G*T, S)
-    y = scores.softmax(-1) @ v.reshape(B * KV, S, d).to(f)                    # (B*nkv, G*T, hs)
-    return y[:, :rows].to(v.dtype).reshape(B, H, T, d)
+@dataclass
+class Visible:
+    """The keys each query of a pass sees (from its [T, S] mask), as `attention` reads them:
+    the first `shared` slots (whole blocks) are seen by every query and read in place; the
+    rest, `tail` (T, L): the slots each query sees from there on, in slot order, L a whole
+    number of blocks, padded where `valid` is False. A tree node's ancestors, scattered
+    among its siblings' slots, so come in position order, as they lie in a one-token pass."""
+    shared: int
+    tail: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def of(cls, mask):
+        lead = int(mask.all(0).long().cumprod(0).sum())       # leading slots every query sees
+        shared = lead // BLOCK * BLOCK
+        rest = mask[:, shared:]
+        n = rest.sum(1, keepdim=True)
+        L = -(-int(n.max()) // BLOCK) * BLOCK
+        order = torch.argsort((~rest).to(torch.uint8), dim=1, stable=True)[:, :L]   # seen slots first, in order
+        order = F.pad(order, (0, L - order.shape[1]))
+        return cls(shared, order + shared, torch.arange(L, device=mask.device) < n)
+
+
+def attention(q, k, v, seen: Visible):
+    """softmax(q k^T / sqrt(hs)) v over the keys each query sees, in float32 at least, summed
+    in an order fixed by the keys' positions alone: every block of BLOCK keys is summed on its
+    own, and the blocks one after another (cumsum, which sums in order; padding adds exact
+    zeros). A query then gets the same bits in a pass of any width or tree shape as alone
+    (measured: matmuls of 4 rows or more give a row the same bits; softmax's own sums and
+    SDPA's kernels split their work by the row's length or the number of queries).
+    q (B, nh, T, hs); k, v (B, nkv, S, hs); the G = nh / nkv query heads of a key/value head
+    are stacked as the rows of one matmul, so the cache is read once, not once per head."""
+    (B, H, T, d), dtype = q.shape, v.dtype
+    KV, G, n, L = k.shape[1], H // k.shape[1], seen.shared, seen.tail.shape[1]
+    g, f, BK = max(G, MIN_ROWS), torch.promote_types(q.dtype, torch.float32), B * k.shape[1]
+    q = F.pad(q.reshape(BK, G, T, d).to(f) * d ** -0.5, (0, 0, 0, 0, 0, g - G))      # (B*nkv, g, T, hs)
+    k, v = k.reshape(BK, -1, d).to(f), v.reshape(BK, -1, d).to(f)                  # (B*nkv, S, hs)
+    kt, vt = k[:, seen.tail], v[:, seen.tail]                                      # (B*nkv, T, L, hs)
+    s = torch.cat(((q.reshape(BK, g * T, d) @ k[:, :n].transpose(1, 2)).view(BK, g, T, n),
+                   (q.transpose(1, 2) @ kt.transpose(2, 3)).transpose(1, 2).masked_fill(~seen.valid, float("-inf"))),
+                  -1)                                                              # (B*nkv, g, T, n + L)
+    e = (s - s.amax(-1, keepdim=True)).exp()
+    l = e.view(BK, g, T, -1, BLOCK).sum(-1).cumsum(-1)[..., -1:]                   # (B*nkv, g, T, 1)
+    y_shared = e[..., :n].reshape(BK, g * T, n // BLOCK, BLOCK).transpose(1, 2) @ v[:, :n].view(BK, -1, BLOCK, d)
+    y_tail = e[..., n:].reshape(BK, g, T, L // BLOCK, BLOCK).permute(0, 2, 3, 1, 4) @ vt.view(BK, T, -1, BLOCK, d)
+    y_tail = y_tail.permute(0, 2, 3, 1, 4).reshape(BK, L // BLOCK, g * T, d)       # (B*nkv, blocks, g*T, hs)
+    y = torch.cat((y_shared, y_tail), 1).cumsum(1)[:, -1].view(BK, g, T, d)
+    return (y[:, :G] / l[:, :G]).to(dtype).reshape(B, H, T, d)
 
 
 class RMSNorm(nn.Module):
@@ -266,8 +293,8 @@ class Attention(nn.Module):
         if c.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.norm_eps), RMSNorm(c.head_dim, c.norm_eps)
 
-    def forward(self, x, cos, sin, cache, start, bias):
-        """bias None: the prompt's pass (causal, from slot 0), else group_bias's mask."""
+    def forward(self, x, cos, sin, cache, start, seen):
+        """seen None: the prompt's pass (causal, from slot 0), else the keys each query sees."""
         B, T, _ = x.shape
         c = self.c
         q, k, v = self.qkv_proj(x).view(B, T, -1, c.head_dim).split((c.n_heads, c.n_kv_heads, c.n_kv_heads), dim=2)
@@ -275,10 +302,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)   # (B, nh|nkv, T, hs)
         k, v = cache.update(start, k, v.transpose(1, 2))                                        # (B, nkv, start+T, hs)
-        if bias is None:                             # the prompt: SDPA's flash kernel, fast for many queries
+        if seen is None:                             # the prompt: SDPA's flash kernel, fast for many queries
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            y = grouped_attention(q, k, v, bias)                                                  # (B, nh, T, hs)
+            y = attention(q, k, v, seen)                                                          # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -301,8 +328,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, cache, start, bias):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, bias)
+    def forward(self, x, cos, sin, cache, start, seen):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, seen)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -424,13 +451,11 @@ class Transformer(nn.Module):
             raise ModelError(f"cache full: {start} + {T} tokens > {self.max_len} slots")
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        bias = None if start == 0 and attn_mask is None else group_bias(self.full_mask(attn_mask, start, T),
-                                                                         self.config.n_heads // self.config.n_kv_heads,
-                                                                         self.dtype)
+        seen = None if start == 0 and attn_mask is None else Visible.of(self.full_mask(attn_mask, start, T))
         cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         x = self.model.embed_tokens(tokens)
         for layer, cache in zip(self.model.layers, self.caches):
-            x = layer(x, cos, sin, cache, start, bias)
+            x = layer(x, cos, sin, cache, start, seen)
         self.length = start + T
         return self.lm_head(self.model.norm(x[:, -last:] if last else x)).float()   # the head only where it is read
 

@@ -204,19 +204,29 @@ def test_tree_mask_equals_each_path_alone(tmp_path, seed):
 @pytest.mark.parametrize("arch, heads", [("qwen2", 8), ("llama3", 6)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_position_s_logits_do_not_depend_on_the_width_of_the_pass(tmp_path, dtype, arch, heads):
-    """Batch invariance (model.py): after the prompt's pass, a causal pass over W = 2..32
-    tokens (a chain's verification) gives every position the same bits as feeding the tokens
-    one at a time, as autoregressive decoding does. Linears packed as at load; the model wide
-    enough (hidden 192-256) that they take their real kernels; 4 and 3 query heads a kv head."""
+    """Batch invariance (model.py): after the prompt's pass, scoring a tree of W = 2..32 nodes
+    under its tree mask gives the root and every node the same bits as feeding its path one
+    token at a time, as autoregressive decoding does. Linears packed as at load; the model
+    wide enough (hidden 192-256) that they take their real kernels; 4 and 3 query heads a kv
+    head; a prompt of 90 tokens, so that trees cross a block of keys (model.BLOCK)."""
     m = load(tiny_model(tmp_path, arch, vocab=64, hidden_size=32 * heads, intermediate_size=512,
                         num_attention_heads=heads, head_dim=32), dtype)
-    ids = torch.randint(0, 64, (80,), generator=torch.Generator().manual_seed(0)).tolist()
-    m.setup_cache(128)
-    m(torch.tensor([ids[:40]]))                        # the prompt's pass, the same in every mode
-    alone = torch.cat([m(torch.tensor([[x]]))[0] for x in ids[40:72]])
-    for W in range(2, 33):
-        m.truncate(40)
-        assert torch.equal(m(torch.tensor([ids[40:40 + W]]), last=W)[0], alone[:W]), W
+    prefix = torch.randint(0, 64, (91,), generator=torch.Generator().manual_seed(0)).tolist()
+    m.setup_cache(160)
+    m(torch.tensor([prefix[:-1]]))                     # the prompt's pass, the same in every mode
+    for W in (2, 3, 5, 9, 17, 32):
+        t = random_tree(W, W)
+        m.truncate(90)
+        together = tree.score(m, prefix, t)[0]         # the root (the last token), then every node
+        for i in range(-1, W):
+            path, node = [], i
+            while node >= 0:
+                path.insert(0, t.tokens[node])
+                node = t.parents[node]
+            m.truncate(90)
+            for x in prefix[-1:] + path:
+                alone = m(torch.tensor([[x]]))[0, -1]
+            assert torch.equal(together[i + 1], alone), (W, i)
 
 
 def test_compact_keeps_the_accepted_path(tmp_path):
