@@ -207,34 +207,43 @@ BLOCK = 64     # keys per partial sum of attention: each query sums its keys blo
 
 @dataclass
 class Visible:
-    """The keys each query of a pass sees (from its [T, S] mask), as `attention` reads them:
-    the first `shared` slots (whole blocks) are seen by every query and read in place; the
-    rest, `tail` (T, L): the slots each query sees from there on, in slot order, L a whole
-    number of blocks, padded where `valid` is False. A tree node's ancestors, scattered
-    among its siblings' slots, so come in position order, as they lie in a one-token pass."""
+    """The keys each query of a pass sees (its [T, S] mask), as `attention` reads them. The
+    first `shared` slots (whole blocks) are read in place by every query, masked by `bias`
+    [T, shared] (0 or -inf). Where some query sees slots past those that are not a prefix (a
+    tree node's ancestors, scattered among its siblings' slots), `tail` (T, L) lists the
+    slots each sees from there on, in order, as they lie in a one-token pass; L is a whole
+    number of blocks, padded where `valid` is False. Made once per forward."""
     shared: int
+    bias: torch.Tensor
     tail: torch.Tensor
     valid: torch.Tensor
 
     @classmethod
-    def of(cls, mask):
-        lead = int(mask.all(0).long().cumprod(0).sum())       # leading slots every query sees
-        shared = lead // BLOCK * BLOCK
-        rest = mask[:, shared:]
+    def of(cls, mask, invariant=True):
+        """invariant False: every key in place (a draft's passes need not be batch-invariant)."""
+        T, S = mask.shape
+        seen = mask.sum(1, keepdim=True)
+        if not invariant or bool((mask == (torch.arange(S, device=mask.device) < seen)).all()):   # prefixes: in place
+            shared, rest = -(-S // BLOCK) * BLOCK, mask[:, :0]
+        else:
+            shared = int(mask.all(0).long().cumprod(0).sum()) // BLOCK * BLOCK     # the blocks all queries see
+            rest = mask[:, shared:]
         n = rest.sum(1, keepdim=True)
         L = -(-int(n.max()) // BLOCK) * BLOCK
-        order = torch.argsort((~rest).to(torch.uint8), dim=1, stable=True)[:, :L]   # seen slots first, in order
-        order = F.pad(order, (0, L - order.shape[1]))
-        return cls(shared, order + shared, torch.arange(L, device=mask.device) < n)
+        order = torch.argsort((~rest).to(torch.uint8), dim=1, stable=True)[:, :L]  # seen slots first, in order
+        bias = torch.zeros(T, shared, device=mask.device).masked_fill_(~F.pad(mask, (0, max(0, shared - S)))[:, :shared],
+                                                                       float("-inf"))
+        return cls(shared, bias, F.pad(order, (0, L - order.shape[1])) + shared,
+                   torch.arange(L, device=mask.device) < n)
 
 
 def attention(q, k, v, seen: Visible):
     """softmax(q k^T / sqrt(hs)) v over the keys each query sees, in float32 at least, summed
     in an order fixed by the keys' positions alone: every block of BLOCK keys is summed on its
-    own, and the blocks one after another (cumsum, which sums in order; padding adds exact
-    zeros). A query then gets the same bits in a pass of any width or tree shape as alone
-    (measured: matmuls of 4 rows or more give a row the same bits; softmax's own sums and
-    SDPA's kernels split their work by the row's length or the number of queries).
+    own, and the blocks one after another (padding adds exact zeros).
+    A query then gets the same bits in a pass of any width or tree shape as alone (measured:
+    matmuls of 4 rows or more give a row the same bits; softmax's own sums and SDPA's kernels
+    split their work by the row's length or the number of queries).
     q (B, nh, T, hs); k, v (B, nkv, S, hs); the G = nh / nkv query heads of a key/value head
     are stacked as the rows of one matmul, so the cache is read once, not once per head."""
     (B, H, T, d), dtype = q.shape, v.dtype
@@ -242,16 +251,20 @@ def attention(q, k, v, seen: Visible):
     g, f, BK = max(G, MIN_ROWS), torch.promote_types(q.dtype, torch.float32), B * k.shape[1]
     q = F.pad(q.reshape(BK, G, T, d).to(f) * d ** -0.5, (0, 0, 0, 0, 0, g - G))      # (B*nkv, g, T, hs)
     k, v = k.reshape(BK, -1, d).to(f), v.reshape(BK, -1, d).to(f)                  # (B*nkv, S, hs)
-    kt, vt = k[:, seen.tail], v[:, seen.tail]                                      # (B*nkv, T, L, hs)
-    s = torch.cat(((q.reshape(BK, g * T, d) @ k[:, :n].transpose(1, 2)).view(BK, g, T, n),
-                   (q.transpose(1, 2) @ kt.transpose(2, 3)).transpose(1, 2).masked_fill(~seen.valid, float("-inf"))),
-                  -1)                                                              # (B*nkv, g, T, n + L)
-    e = (s - s.amax(-1, keepdim=True)).exp()
+    s = (q.reshape(BK, g * T, d) @ k.transpose(1, 2)).view(BK, g, T, -1)           # (B*nkv, g, T, S): every slot
+    shared = F.pad(s[..., :n], (0, n - min(n, s.shape[-1])), value=float("-inf")) + seen.bias.to(f)
+    if L:                                                     # each query's last keys, in position order
+        tail = s[..., n:].gather(-1, (seen.tail - n).expand(BK, g, T, L)).masked_fill(~seen.valid, float("-inf"))
+        shared = torch.cat((shared, tail), -1)                                     # (B*nkv, g, T, n + L)
+    e = (shared - shared.amax(-1, keepdim=True)).exp()
     l = e.view(BK, g, T, -1, BLOCK).sum(-1).cumsum(-1)[..., -1:]                   # (B*nkv, g, T, 1)
-    y_shared = e[..., :n].reshape(BK, g * T, n // BLOCK, BLOCK).transpose(1, 2) @ v[:, :n].view(BK, -1, BLOCK, d)
-    y_tail = e[..., n:].reshape(BK, g, T, L // BLOCK, BLOCK).permute(0, 2, 3, 1, 4) @ vt.view(BK, T, -1, BLOCK, d)
-    y_tail = y_tail.permute(0, 2, 3, 1, 4).reshape(BK, L // BLOCK, g * T, d)       # (B*nkv, blocks, g*T, hs)
-    y = torch.cat((y_shared, y_tail), 1).cumsum(1)[:, -1].view(BK, g, T, d)
+    v_shared = F.pad(v[:, :n], (0, 0, 0, n - min(n, v.shape[1])))
+    y = e[..., :n].reshape(BK, g * T, n // BLOCK, BLOCK).transpose(1, 2) @ v_shared.view(BK, -1, BLOCK, d)
+    if L:                                                                          # (B*nkv, blocks, g*T, hs)
+        v_tail = v.index_select(1, seen.tail.flatten()).view(BK, T, L // BLOCK, BLOCK, d)
+        y_tail = e[..., n:].reshape(BK, g, T, L // BLOCK, BLOCK).permute(0, 2, 3, 1, 4) @ v_tail
+        y = torch.cat((y, y_tail.permute(0, 2, 3, 1, 4).reshape(BK, L // BLOCK, g * T, d)), 1)
+    y = y.sum(1).view(BK, g, T, d)                        # (a sum over blocks, not the inner dim, runs in order)
     return (y[:, :G] / l[:, :G]).to(dtype).reshape(B, H, T, d)
 
 
@@ -363,6 +376,7 @@ class Transformer(nn.Module):
         self.model = Decoder(c)
         self.lm_head = Linear(c.dim, c.vocab_size, bias=False)
         self.length = 0          # cache slots in use
+        self.batch_invariant = True   # False: tree passes read keys in place, faster, their sums in another order
 
     @classmethod
     def from_dir(cls, path, config: Config, device="cpu", dtype=torch.bfloat16, int4=False):
@@ -451,7 +465,8 @@ class Transformer(nn.Module):
             raise ModelError(f"cache full: {start} + {T} tokens > {self.max_len} slots")
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        seen = None if start == 0 and attn_mask is None else Visible.of(self.full_mask(attn_mask, start, T))
+        seen = None if start == 0 and attn_mask is None else Visible.of(self.full_mask(attn_mask, start, T),
+                                                                        self.batch_invariant)
         cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         x = self.model.embed_tokens(tokens)
         for layer, cache in zip(self.model.layers, self.caches):

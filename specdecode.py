@@ -356,6 +356,7 @@ def load_pair(target, draft=None, device="cpu", dtype=torch.bfloat16, draft_quan
         key = (role, str(name), str(device), dtype, int4)    # a draft equal to the target has its own cache
         if key not in _loaded:
             _loaded[key] = weights.load(name, device=device, dtype=dtype, int4=int4)
+            _loaded[key][0].batch_invariant = role == "target"   # the draft only proposes: exactness never needs it
         pair.append(_loaded[key])
     check_pair(*pair)
     return pair
