@@ -24,10 +24,9 @@ rows, and `attention` sums each query's keys in an order fixed by their position
 (a tree node's ancestors, scattered among its siblings' slots, are read in position
 order). The prompt's pass, the same in every mode, takes SDPA's fast kernel instead.
 
-Decoding one token reads every weight once, so its speed is the memory bandwidth over the
-bytes of weights. Each Linear is therefore prepared once at load (`Transformer.prepare`):
-packed into oneDNN's blocked layout on the CPU, and optionally (a draft) also kept as 4-bit
-integers for the small calls where reading a quarter of the bytes wins.
+Decoding one token reads every weight once, so its speed is bandwidth over bytes of weights:
+each Linear is packed once at load into oneDNN's blocked layout (`Transformer.prepare`), and
+a draft's may also be kept as 4-bit integers for its small calls, a quarter of the bytes.
 """
 import json
 import math
@@ -207,12 +206,10 @@ BLOCK = 64     # keys per partial sum of attention: each query sums its keys blo
 
 @dataclass
 class Visible:
-    """The keys each query of a pass sees (its [T, S] mask), as `attention` reads them. The
-    first `shared` slots (whole blocks) are read in place by every query, masked by `bias`
-    [T, shared] (0 or -inf). Where some query sees slots past those that are not a prefix (a
-    tree node's ancestors, scattered among its siblings' slots), `tail` (T, L) lists the
-    slots each sees from there on, in order, as they lie in a one-token pass; L is a whole
-    number of blocks, padded where `valid` is False. Made once per forward."""
+    """The keys each query of a pass sees (its [T, S] mask), made once per forward: the first
+    `shared` slots (whole blocks) are read in place, masked by `bias` [T, shared] (0 or -inf);
+    where a query sees slots past those that are no prefix (a tree node's ancestors, among its
+    siblings' slots), `tail` (T, L) lists them in order, padded where `valid` is False."""
     shared: int
     bias: torch.Tensor
     tail: torch.Tensor
@@ -240,10 +237,9 @@ class Visible:
 def attention(q, k, v, seen: Visible):
     """softmax(q k^T / sqrt(hs)) v over the keys each query sees, in float32 at least, summed
     in an order fixed by the keys' positions alone: every block of BLOCK keys is summed on its
-    own, and the blocks one after another (padding adds exact zeros).
-    A query then gets the same bits in a pass of any width or tree shape as alone (measured:
-    matmuls of 4 rows or more give a row the same bits; softmax's own sums and SDPA's kernels
-    split their work by the row's length or the number of queries).
+    own, and the blocks one after another (padding adds exact zeros). A query then gets the
+    same bits in a pass of any width or tree shape as alone (measured: matmuls of 4 rows or
+    more give a row the same bits; softmax's and SDPA's sums depend on the row's length).
     q (B, nh, T, hs); k, v (B, nkv, S, hs); the G = nh / nkv query heads of a key/value head
     are stacked as the rows of one matmul, so the cache is read once, not once per head."""
     (B, H, T, d), dtype = q.shape, v.dtype
@@ -476,11 +472,8 @@ class Transformer(nn.Module):
 
     def full_mask(self, attn_mask, start, T):
         """[T, start + T]: the new tokens' mask (causal by default) after the cached slots."""
-        if attn_mask is None:
-            attn_mask = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
-        if attn_mask.shape[-1] == start + T:
-            return attn_mask
-        return torch.cat((torch.ones(T, start, dtype=torch.bool, device=self.device), attn_mask), dim=1)
+        m = torch.ones(T, T, dtype=torch.bool, device=self.device).tril() if attn_mask is None else attn_mask
+        return m if m.shape[-1] == start + T else F.pad(m, (start, 0), value=True)
 
     def truncate(self, n):
         """Forget every cached slot from n on (rejected draft tokens)."""

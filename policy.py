@@ -2,10 +2,9 @@
 the plan of each step that maximises expected tokens per second. It only measures and
 decides; the tokens emitted never depend on it (verification keeps them exact).
 
-Cost. Once per loaded model, its forward is timed at WIDTHS new tokens after a short
-prompt (best of two), and `Costs.seconds(n)` interpolates that table (past its end, the
-last segment goes on). Measured once, the plans do not follow the clock's noise during a
-run: the same prompt gets the same plans every run.
+Cost. Once per loaded model, its forward is timed at WIDTHS new tokens (best of two), and
+`Costs.seconds(n)` interpolates that table. Measured once, the plans do not follow the
+clock's noise during a run: the same prompt gets the same plans every run.
 
 Acceptance. Once its parent is accepted, a draft token x at depth d with draft
 probability q(x) is accepted with probability about min(1, c_d q(x)), where c_d is this
@@ -16,8 +15,8 @@ E[r^j] under a Beta belief about their rate r, kept per match length (`LookupRat
 
 Plan. A step is expected to give E = 1 + sum of its nodes' values, in the time of its
 draft passes plus one target pass over its N nodes and the root. Each tree level keeps
-the m best candidates that maximise E / time, and the draft grows another level while
-that rate is expected to rise; a chain drafts its next token on the same rule. A lookup
+the m best candidates that maximise E / time, and the draft goes on while that rate is
+expected to rise within K_MAX more levels; a chain drafts on the same rule. A lookup
 chain hangs as many tokens as pay. Whether to draft at all is the same rule at size
 zero: the draft's recent steps (their tokens over their priced time) against a plain
 step (one token, one one-token pass) and a lookup chain from the root.
@@ -26,15 +25,17 @@ import bisect
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 
 import torch
 
 from tree import ROOT
 
 WIDTHS = (1, 2, 4, 8, 16, 32)     # the widths of the passes a step makes: a draft step, a chain, a tree
-K_MAX = 12                        # longest chain --k auto drafts (and the cache headroom it needs)
-RECENT = 8                        # drafted steps the draft is judged on, and steps without it before it is tried again
+K_MAX = 12                        # a guess: the longest chain --k auto drafts (and the cache headroom it needs)
+RECENT = 8                        # a guess: drafted steps the draft is judged on (a few steps' noise averages out),
+                                  # and steps without it before it is tried again
 
 
 @dataclass
@@ -49,13 +50,13 @@ class Costs:
         return max(t0 + (t1 - t0) * (n - w0) / (w1 - w0), 1e-6)
 
 
-_measured = {}
+_measured = weakref.WeakKeyDictionary()          # model -> its Costs
 
 
 def costs(model, name):
     """The model's Costs, timed on first use (a 32-token prompt, then each width twice, best
-    kept): about a second for the demo pair."""
-    if id(model) not in _measured:
+    kept): about 2.5 s for the demo pair."""
+    if model not in _measured:
         t = time.perf_counter()
         prompt, most, times = 32, max(WIDTHS), []
         ids = torch.arange(prompt + most, device=model.device)[None] % model.config.vocab_size
@@ -70,17 +71,17 @@ def costs(model, name):
                 best = min(best, time.perf_counter() - t0)
             times.append(best)
         times = [min(times[i:]) for i in range(len(times))]      # a narrower pass is never dearer: noise
-        _measured[id(model)] = Costs(WIDTHS, tuple(times))
+        _measured[model] = Costs(WIDTHS, tuple(times))
         ms = "/".join(f"{s * 1e3:.0f}" for s in times)
         print(f"[specdecode] {name} forward at {'/'.join(map(str, WIDTHS))} tokens: {ms} ms "
               f"(timed once, {time.perf_counter() - t:.1f} s)", file=sys.stderr)
-    return _measured[id(model)]
+    return _measured[model]
 
 
 class Acceptance:
-    """c_d per depth d (depths past 8 share one): accepted tokens over the summed q of the
-    tokens judged, each step weighing the past by 0.9 (about the last 10 steps count), from
-    a prior worth one token that trusts q (c = 1)."""
+    """c_d per depth d (depths past 8, the default --max-depth, share one): accepted tokens
+    over the summed q of the tokens judged, each step weighing the past by 0.9 (a guess:
+    about the last 10 steps count), from a prior worth one token that trusts q (c = 1)."""
 
     def __init__(self):
         self.counts = {}                             # depth -> [accepted, summed q]
@@ -132,30 +133,25 @@ class LookupRates:
 
 
 class Fixed:
-    """--tree fixed and --k N: fill the budgets every step (the tree paper's), or draft K."""
+    """--tree fixed and --k N: fill the budgets every step (the tree paper's), or draft K; each
+    step's plan is this object, its clock for max_time restarted."""
+    drafts = True
 
     def __init__(self, budget, k=None):
-        self.budget, self.k = budget, k
+        self.budget, self.k, self.t0 = budget, k, 0.0
 
     def plan(self, guess=(), match=0):
-        return FixedPlan(self.budget.max_time, self.k)
+        self.t0 = time.perf_counter()
+        return self
 
     def observe(self, step):
         pass
-
-
-@dataclass
-class FixedPlan:
-    max_time: float
-    k: int | None
-    drafts: bool = True
-    t0: float = field(default_factory=time.perf_counter)
 
     def keep(self, t, chosen):
         return len(chosen)
 
     def deeper(self, t, frontier):
-        return time.perf_counter() - self.t0 < self.max_time
+        return time.perf_counter() - self.t0 < self.budget.max_time
 
     def chain(self, t, tip, room):
         return room
@@ -225,15 +221,25 @@ class AutoPlan:
         return best_m
 
     def deeper(self, t, frontier):
-        """Whether another draft pass pays: each frontier node expected to have a child as
-        likely as itself was given its parent."""
-        c, n = self.p.acceptance.c(t.depths[frontier[0]] + 1), len(t.tokens)
-        gain = sum(self.values[i] * min(1.0, c * t.q[i]) for i in frontier)
-        more = self.drafting + self.p.draft.seconds(len(frontier))
-        if self.rate(self.expected + gain, more, n + len(frontier)) <= self.rate(self.expected, self.drafting, n):
+        """Whether another draft pass pays, looking down from the best frontier node."""
+        best = max(frontier, key=self.values.get)
+        rho = min(1.0, self.p.acceptance.c(t.depths[best] + 1) * t.q[best])
+        if not self.pays_on(self.expected, self.drafting, len(t.tokens), self.values[best], rho, len(frontier)):
             return False
-        self.drafting = more
+        self.drafting += self.p.draft.seconds(len(frontier))
         return True
+
+    def pays_on(self, expected, drafting, nodes, v, rho, width):
+        """Whether drafting on pays within K_MAX more levels (the next a pass over `width` new
+        nodes, the later ones one node each, the j-th accepted with probability v rho^j): a
+        level alone can lose where the run it starts pays, for a confident draft is accepted in runs."""
+        now = self.rate(expected, drafting, nodes)
+        for _ in range(K_MAX):
+            v *= rho
+            expected, drafting, nodes, width = expected + v, drafting + self.p.draft.seconds(width), nodes + width, 1
+            if self.rate(expected, drafting, nodes) > now:
+                return True
+        return False
 
     def best_chain(self, reach, room, nodes=0):
         """(j, rate): how many of `room` lookup tokens to hang below a node reached with
@@ -249,21 +255,11 @@ class AutoPlan:
         return self.best_chain(self.values[tip], room, len(t.tokens))[0]
 
     def more(self, qs):
-        """Chain: whether to draft token len(qs) + 1, its value that of the last times c q."""
-        k = len(qs)
+        """Chain: whether to draft token len(qs) + 1 (values v_i = v_{i-1} min(1, c_i q_i))."""
+        k, v, vs = len(qs), 1.0, []
         if k == 0 or k >= K_MAX:
             return k == 0
-        vs = list(chain_values(self.p.acceptance, qs))
-        drafted = k * self.p.draft.seconds(1)
-        now = self.rate(1 + sum(vs), drafted, k)
-        then = self.rate(1 + sum(vs) + vs[-1] * min(1.0, self.p.acceptance.c(k + 1) * qs[-1]),
-                         drafted + self.p.draft.seconds(1), k + 1)
-        return then > now
-
-
-def chain_values(acceptance, qs):
-    """A chain's node values: v_i = v_{i-1} min(1, c_i q_i)."""
-    v = 1.0
-    for i, q in enumerate(qs, 1):
-        v *= min(1.0, acceptance.c(i) * q)
-        yield v
+        for i, q in enumerate(qs, 1):
+            v *= min(1.0, self.p.acceptance.c(i) * q)
+            vs.append(v)
+        return self.pays_on(1 + sum(vs), k * self.p.draft.seconds(1), k, v, min(1.0, self.p.acceptance.c(k + 1) * qs[-1]), 1)

@@ -140,8 +140,7 @@ class Step:
 
 @dataclass
 class Run:
-    """What a run mutates, apart from the user's Options: the growing token list, the
-    shared tokenizer's size, the random streams, the policy and the statistics."""
+    """What a run mutates (the user's choices are Options): tokens, random streams, policy, stats."""
     tokens: list
     vocab: int
     device: object
@@ -175,7 +174,8 @@ def chain_step(target, draft, run, opts):
     while plan.more(qx):                 # draft: one token at a time, each drawn by its position's race
         logits = feed(draft, tokens + drafts)[0, -1, :run.vocab]
         q = opts.settings.probs(logits)
-        e = run.races.at(start + len(drafts))[0] if opts.verify == "coupled" else exponentials(run, opts)
+        e = run.races.at(start + len(drafts))[0] if opts.verify == "coupled" else \
+            sampler.exponentials(run.vocab, generator=run.generator, device=run.device, one_hot=opts.greedy)
         drafts.append(int(sampler.draw(q, e)))
         qs.append(q)
         qx.append(float((q if opts.settings.temperature else sampler.probs(logits))[drafts[-1]]))
@@ -190,11 +190,6 @@ def chain_step(target, draft, run, opts):
     target.truncate(start + n)
     draft.truncate(min(draft.length, start + n))
     return Step(out[0, :n + 1].tolist(), tree.Tree.chain(drafts, qx), list(range(n)))
-
-
-def exponentials(run, opts):
-    """E ~ Exp(1) over the vocabulary: one exponential race (sampler.draw); ones when greedy."""
-    return sampler.exponentials(run.vocab, generator=run.generator, device=run.device, one_hot=opts.greedy)
 
 
 def tree_step(target, draft, run, opts):

@@ -11,10 +11,9 @@ Grow (level by level, ONE draft forward per level over the whole frontier):
     never fed to a model, but kept in the picture and in verification. How many to keep, and
     whether to grow another level, is the plan's to say (policy.py: fill the budgets, or
     maximise expected tokens per second).
-    Lookup (`continuation`): the tokens that followed the latest earlier occurrence of the
-    context's longest recurring suffix join the levels as point-mass candidates, and the rest
-    of that continuation may hang below the tree as a chain no draft forward ever sees (the
-    whole tree, when the plan drafts nothing).
+    Lookup (`continuation`): what followed the latest earlier occurrence of the context's
+    longest recurring suffix joins the levels as point-mass candidates, and its rest may hang
+    below as a chain no draft forward sees (the whole tree, when the plan drafts nothing).
 Score: ONE target forward over the root and every kept node, with a tree attention mask
     (a node sees the prefix, its ancestors and itself) and position = prefix length + depth.
 Verify: walk down from the root. At each node, sampler.tree_sample runs SpecInfer's
@@ -412,24 +411,18 @@ def render(t: Tree, path, new_token, tok, png, jitter=0.0):
 
 
 def render_all(steps, tok, folder):
-    """One frame per step (step_0001.png, ...) and generation.gif of them all."""
+    """One frame per step (step_0001.png, ...) and generation.gif of them all, each frame on a
+    white canvas the size of the largest."""
     from PIL import Image
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    frames = []
+    images = []
     for i, (t, path, new) in enumerate(steps, 1):
-        png = folder / f"step_{i:04d}.png"
-        render(t, path, new, tok, png)
-        frames.append(Image.open(png).convert("RGB"))
-    size = (max(f.width for f in frames), max(f.height for f in frames))
-    frames = [pad(f, size) for f in frames]
+        render(t, path, new, tok, folder / f"step_{i:04d}.png")
+        images.append(Image.open(folder / f"step_{i:04d}.png").convert("RGB"))
+    frames = [Image.new("RGB", (max(f.width for f in images), max(f.height for f in images)), "white") for _ in images]
+    for canvas, image in zip(frames, images):
+        canvas.paste(image, (0, 0))
     gif = folder / "generation.gif"
     frames[0].save(gif, save_all=True, append_images=frames[1:], duration=700, loop=0)
     return gif
-
-
-def pad(img, size):
-    from PIL import Image
-    canvas = Image.new("RGB", size, "white")
-    canvas.paste(img, (0, 0))
-    return canvas
