@@ -243,8 +243,8 @@ def attention(q, k, v, seen: Visible):
     q (B, nh, T, hs); k, v (B, nkv, S, hs); the G = nh / nkv query heads of a key/value head
     are stacked as the rows of one matmul, so the cache is read once, not once per head."""
     (B, H, T, d), dtype = q.shape, v.dtype
-    KV, G, n, L = k.shape[1], H // k.shape[1], seen.shared, seen.tail.shape[1]
-    g, f, BK = max(G, MIN_ROWS), torch.promote_types(q.dtype, torch.float32), B * k.shape[1]
+    BK, G, n, L = B * k.shape[1], H // k.shape[1], seen.shared, seen.tail.shape[1]
+    g, f = max(G, MIN_ROWS), torch.promote_types(q.dtype, torch.float32)
     q = F.pad(q.reshape(BK, G, T, d).to(f) * d ** -0.5, (0, 0, 0, 0, 0, g - G))      # (B*nkv, g, T, hs)
     k, v = k.reshape(BK, -1, d).to(f), v.reshape(BK, -1, d).to(f)                  # (B*nkv, S, hs)
     s = (q.reshape(BK, g * T, d) @ k.transpose(1, 2)).view(BK, g, T, -1)           # (B*nkv, g, T, S): every slot

@@ -2,7 +2,7 @@
 the plan of each step that maximises expected tokens per second. It only measures and
 decides; the tokens emitted never depend on it (verification keeps them exact).
 
-Cost. Once per loaded model, its forward is timed at WIDTHS new tokens (best of two), and
+Cost. Once per loaded model, its forward is timed at WIDTHS new tokens (best of three), and
 `Costs.seconds(n)` interpolates that table. Measured once, the plans do not follow the
 clock's noise during a run: the same prompt gets the same plans every run.
 
@@ -53,23 +53,22 @@ class Costs:
 _measured = weakref.WeakKeyDictionary()          # model -> its Costs
 
 
-def costs(model, name):
-    """The model's Costs, timed on first use (a 32-token prompt, then each width twice, best
-    kept): about 2.5 s for the demo pair."""
+def costs(model, name, rounds=3):
+    """The model's Costs, timed on first use after a 32-token prompt: `rounds` rounds, each
+    timing every width in turn, the best of each width kept, so that a burst of noise must
+    hit one width in every round to count (one bad round once tripled a table here)."""
     if model not in _measured:
         t = time.perf_counter()
-        prompt, most, times = 32, max(WIDTHS), []
+        prompt, most, times = 32, max(WIDTHS), [math.inf] * len(WIDTHS)
         ids = torch.arange(prompt + most, device=model.device)[None] % model.config.vocab_size
         model.setup_cache(prompt + most)
         model(ids[:, :prompt], last=1)
-        for w in WIDTHS:
-            best = math.inf
-            for _ in range(2):
+        for _ in range(rounds):
+            for i, w in enumerate(WIDTHS):
                 model.truncate(prompt)
                 t0 = time.perf_counter()
                 model(ids[:, prompt:prompt + w], last=w).sum().item()       # .item(): waits for a GPU
-                best = min(best, time.perf_counter() - t0)
-            times.append(best)
+                times[i] = min(times[i], time.perf_counter() - t0)
         times = [min(times[i:]) for i in range(len(times))]      # a narrower pass is never dearer: noise
         _measured[model] = Costs(WIDTHS, tuple(times))
         ms = "/".join(f"{s * 1e3:.0f}" for s in times)

@@ -1090,6 +1090,36 @@ def test_demo_pair_every_mode_emits_ar_s_tokens(demo_fp32, temperature):
         assert out == want and stats.accepted > 0, kw
 
 
+BF16_PROMPTS = ("Write a C function that parses an IPv4 address string into four bytes.",
+                "Explain in two paragraphs why the sky is blue.",
+                "Rename total to acc and return the code:\n\ndef f(xs):\n    total = 0\n    for x in xs:\n"
+                "        total += x\n    return total\n")
+
+
+@pytest.mark.parametrize("prompt", BF16_PROMPTS)
+def test_demo_pair_in_bfloat16_every_mode_emits_ar_s_tokens(prompt):
+    """Batch invariance on the real pair, as users run it (bf16, int4 draft): greedy, and
+    coupled sampling at T = 0.8 with one seed, give ar's 40 tokens in every mode, while
+    drafts are accepted and verified in passes of several widths. Compared with this run's
+    own ar (bf16 rounding differs between CPUs, so no model text is asserted)."""
+    target, draft = sd.load_pair(weights.DEMO_TARGET, weights.DEMO_DRAFT)
+    ids, widths = demo_ids(target[1], prompt), set()
+    fixed = tree.Budget(max_depth=4, max_nodes_per_level=6)
+    modes = {0.0: [dict(mode="chain", k=1), dict(mode="chain", k=4), dict(mode="chain"), dict(mode="tree"),
+                   dict(mode="tree", lookup="off"), dict(mode="tree", tree_size="fixed", budget=fixed)],
+             0.8: [dict(mode="chain"), dict(mode="tree"), dict(mode="tree", tree_size="fixed", budget=fixed)]}
+    for temperature, kws in modes.items():
+        opts = lambda **kw: sd.Options(max_new_tokens=40, settings=sd.Settings(temperature=temperature, seed=7), **kw)
+        want, _ = sd.generate(ids, target, None, opts(mode="ar"))
+        for kw in kws:
+            out, stats = sd.generate(ids, target, draft, opts(on_tree=lambda t, path, new: widths.add(len(t.tokens)),
+                                                              **kw))
+            assert out == want, (temperature, kw)
+            assert stats.accepted > 0 or temperature > 0, kw
+            widths.update(stats.ks if kw["mode"] == "chain" else ())
+    assert len(widths) >= 3
+
+
 def test_demo_pair_edits_with_lookup_as_ar_does(demo_fp32, monkeypatch):
     """Returning an edited function on the real pair: tree auto (lookup on) gives ar's greedy
     tokens and takes some from the lookup alone, both as planned and with every step that has

@@ -250,7 +250,7 @@ GGUF_TO_HF = {
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 # Pre-tokenizers named by tokenizer.ggml.pre, as in the models' own tokenizer.json.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -296,8 +296,8 @@ def convert_gguf(gguf_path, out: Path):
     reader = gguf.GGUFReader(str(gguf_path))
     field = lambda k, default=None: reader.fields[k].contents() if k in reader.fields else default
     arch = field("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise WeightsError(f"unsupported GGUF architecture '{arch}' (supported: {', '.join(ARCHITECTURES)})")
+    if arch not in GGUF_ARCHITECTURES:
+        raise WeightsError(f"unsupported GGUF architecture '{arch}' (supported: {', '.join(GGUF_ARCHITECTURES)})")
     a = lambda k: field(f"{arch}.{k}")
     n_heads, n_kv = a("attention.head_count"), a("attention.head_count_kv")
     tk, tokens = gguf_tokenizer(field)
@@ -320,7 +320,7 @@ def convert_gguf(gguf_path, out: Path):
     eos, bos = field("tokenizer.ggml.eos_token_id"), field("tokenizer.ggml.bos_token_id")
     stop = [eos] + [tokens.index(t) for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>") if t in tokens]
     config = {
-        "architectures": [ARCHITECTURES[arch]], "model_type": arch,
+        "architectures": [GGUF_ARCHITECTURES[arch]], "model_type": arch,
         "hidden_size": a("embedding_length"), "intermediate_size": a("feed_forward_length"),
         "num_hidden_layers": a("block_count"), "num_attention_heads": n_heads, "num_key_value_heads": n_kv,
         "rms_norm_eps": a("attention.layer_norm_rms_epsilon"), "rope_theta": a("rope.freq_base"),
