@@ -180,12 +180,13 @@ def chain_step(target, draft, run, opts):
         qs.append(q)
         qx.append(float((q if opts.settings.temperature else sampler.probs(logits))[drafts[-1]]))
     k = len(drafts)                         # verify: one target pass over the K + 1 positions
-    p, proposed = opts.settings.probs(feed(target, tokens, drafts, last=k + 1)[:, :, :run.vocab]), torch.tensor([drafts])
+    p, proposed = opts.settings.probs(feed(target, tokens, drafts, last=k + 1)[:, :, :run.vocab]), \
+        torch.tensor([drafts], device=run.device)
     if opts.verify == "coupled":
-        out, n = sampler.coupled_sample(p, proposed.to(run.device), run.races.at(start, k + 1)[None])
+        out, n = sampler.coupled_sample(p, proposed, run.races.at(start, k + 1)[None])
     else:
         u, e = sampler.random_inputs(1, k, run.vocab, run.generator, run.device, one_hot=opts.greedy)
-        out, n = sampler.rejection_sample(p, torch.stack(qs)[None], proposed.to(run.device), u, e)
+        out, n = sampler.rejection_sample(p, torch.stack(qs)[None], proposed, u, e)
     n = int(n)                              # accept: n drafts and the target's token; roll the caches back
     target.truncate(start + n)
     draft.truncate(min(draft.length, start + n))
