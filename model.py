@@ -31,6 +31,7 @@ a draft's may also be kept as 4-bit integers for its small calls, a quarter of t
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +64,6 @@ def say_once(msg):
 MIN_ROWS = 4   # measured (Zen 4, Zen 5, Intel family 6 model 207): oneDNN's packed kernels give a row the same
                # bits for any call of 4 or more rows (bf16 and fp32; 1-3 rows take other kernels), and read
                # bf16 weights ~25% faster at 4 rows than at 1-3: fewer rows are padded with zeros
-INT4_GROUP = 32        # inputs per scale: Q4_K's sub-block, which the demo GGUFs' 4-bit tensors fit nearly exactly
-INT4_MAX_ROWS = 4      # measured on Zen 4 (bench.py's forward table): int4 beats packed bf16 up to 4 tokens
 
 
 class Linear(nn.Linear):
@@ -74,23 +73,8 @@ class Linear(nn.Linear):
     on every call, which costs about half the bandwidth; here that reorder is done once (the
     path Inductor's CPU weight freezing takes) and the plain W is dropped. Same arithmetic:
     bf16 results are bit-identical, fp32 ones differ in summation order only.
-    quantize_int4(): W is also kept as 4-bit integers w in groups g of INT4_GROUP inputs,
-    W ~ s_g * w + m_g (s_g = (max - min) / 15, m_g = min), and calls of at most INT4_MAX_ROWS
-    rows read those: a quarter of the bytes. Only for a draft: its output is approximate.
     """
-    packed = int4 = None
-
-    def quantize_int4(self):
-        if self.in_features % INT4_GROUP:
-            return                                       # no whole groups: this one stays in its dtype
-        W = self.weight.detach().float()
-        g = W.view(W.shape[0], -1, INT4_GROUP)
-        lo, hi = g.amin(-1), g.amax(-1)
-        s = ((hi - lo) / 15).clamp(min=1e-12)
-        w = ((g - lo[..., None]) / s[..., None]).round().clamp(0, 15).to(torch.int32).view(W.shape)
-        # torch's int4 matmul computes (w - 8) * s + zero, so zero = m + 8 s
-        scales_zeros = torch.stack((s, lo + 8 * s), -1).transpose(0, 1).contiguous().to(self.weight.dtype)
-        self.int4 = torch._convert_weight_to_int4pack_for_cpu(w, 1), scales_zeros
+    packed = None
 
     def pack(self):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)   # 1: laid out for one-token calls
@@ -99,16 +83,118 @@ class Linear(nn.Linear):
     def forward(self, x):
         shape, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
         rows = len(x)
-        if self.int4 is not None and rows <= INT4_MAX_ROWS:
-            y = torch._weight_int4pack_mm_for_cpu(x, self.int4[0], INT4_GROUP, self.int4[1])
-            y = y if self.bias is None else y + self.bias
-        elif self.packed is not None:
+        if self.packed is not None:
             if rows < MIN_ROWS:                          # zero rows: no more weight bytes, an invariant kernel
                 x = torch.cat((x, x.new_zeros(MIN_ROWS - rows, x.shape[-1])))
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")[:rows]
         else:
             y = F.linear(x, self.weight, self.bias)
         return y.view(*shape, -1)
+
+
+# ---------------------------------------------------------------------------- quantized blocks
+
+BLOCK_TENSORS = ("qweight", "scales", "mins", "d", "dmin")
+TILE = 16          # outputs a record of qmatmul.cpp holds
+
+
+def unpack(qweight):
+    """4-bit (uint8 [N, K/2]: input 2j in byte j's low nibble, 2j + 1 in its high) -> [N, K]; 8-bit as is."""
+    if qweight.dtype == torch.int8:
+        return qweight
+    return torch.stack((qweight & 15, qweight >> 4), -1).view(len(qweight), -1)
+
+
+def dequantize(b):
+    """W [N, K] in float32 from blocks b, in the gguf package's order of operations (its exact weights)."""
+    q = unpack(b["qweight"]).float()
+    K = q.shape[1]
+    Gs, Gd = K // b["scales"].shape[1], K // b["d"].shape[1]
+    per = lambda d, s: (d.float().repeat_interleave(Gd // Gs, 1) * s.float()).repeat_interleave(Gs, 1)
+    W = per(b["d"], b["scales"]) * q
+    return W - per(b["dmin"], b["mins"]) if "mins" in b else W
+
+
+def quantize_4bit(W, group=32):
+    """Q4_1's rule for a dense W (lossy): per group of 32 inputs, W ~ d q - dmin with q in 0..15,
+    d = (max - min) / 15 and dmin = -min in float16. None where W does not split into tiles and groups."""
+    N, K = W.shape
+    if N % TILE or K % group:
+        return None
+    g = W.float().view(N, -1, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    d, dmin = ((hi - lo) / 15).clamp(min=2 ** -24).half(), (-lo).half()
+    q = ((g + dmin.float()[..., None]) / d.float()[..., None]).round().clamp(0, 15).to(torch.uint8).view(N, K)
+    ones = torch.ones(N, K // group, dtype=torch.uint8)
+    return dict(qweight=q[:, 0::2] | q[:, 1::2] << 4, scales=ones, mins=ones, d=d, dmin=dmin)
+
+
+def tile(b):
+    """Blocks -> qmatmul.cpp's layout: records of 16 outputs x 2 inputs, scales (tiles, groups, 16)."""
+    q = unpack(b["qweight"])
+    N, K = q.shape
+    r = q.view(N // TILE, 2, TILE // 2, K // 2, 2).permute(0, 3, 1, 2, 4).reshape(N // TILE, K // 2, 2, TILE)
+    records = r[:, :, 0] | r[:, :, 1] << 4 if "mins" in b else r.reshape(N // TILE, K // 2, 2 * TILE)
+    by_tile = lambda a: a.view(N // TILE, TILE, -1).transpose(1, 2).contiguous()
+    none = lambda dtype: torch.empty(0, dtype=dtype)
+    narrow = "mins" in b or bool(q.min() >= -32 and q.max() <= 31)
+    return (records.contiguous().view(torch.uint8), by_tile(b["scales"]),
+            by_tile(b["mins"]) if "mins" in b else none(torch.uint8), by_tile(b["d"]),
+            by_tile(b["dmin"]) if "mins" in b else none(torch.float16), narrow)
+
+
+def same_format(parts):
+    K = lambda b: unpack(b["qweight"]).shape[1]
+    key = lambda b: (b["qweight"].dtype, K(b) // b["scales"].shape[1], K(b) // b["d"].shape[1])
+    return len({key(b) for b in parts}) == 1
+
+
+_kernel = {}
+
+
+def qmatmul():
+    """qmatmul.cpp, compiled once per machine (torch caches the build), or None, the reason said once."""
+    if "ext" not in _kernel:
+        _kernel["ext"] = None
+        try:
+            import hashlib
+            from torch.utils.cpp_extension import load
+            flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")   # -march=native differs by CPU
+            t = time.perf_counter()
+            _kernel["ext"] = load(name=f"specdecode_qmatmul_{hashlib.sha1(flags.encode()).hexdigest()[:8]}",
+                                  sources=[str(Path(__file__).with_name("qmatmul.cpp"))], verbose=False,
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"])
+            if time.perf_counter() - t > 2:
+                say_once(f"compiled qmatmul.cpp ({time.perf_counter() - t:.0f} s, once: torch caches the build)")
+        except Exception as e:                       # no compiler, a failed build: dense weights instead, said once
+            say_once(f"no qmatmul kernel ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}): "
+                     "quantized weights run dequantised to dense ones (a C++ compiler makes them 3x fewer bytes)")
+    return _kernel["ext"]
+
+
+class QLinear(nn.Module):
+    """y = x W^T + b with W kept as a GGUF's quantized blocks and multiplied by qmatmul.cpp.
+
+    For output n and input k in group g = k // Gs:
+        W[n, k] = d[n, k // Gd] * scales[n, g] * q[n, k]  -  dmin[n, k // Gd] * mins[n, g]
+    qweight holds q: 4-bit uint8 [N, K/2] (two a byte) or 8-bit int8 [N, K]; scales [N, K/Gs]
+    (uint8 for 4-bit, int8 for 8-bit) and mins [N, K/Gs] uint8; d and dmin [N, K/Gd] float16
+    (mins and dmin for 4-bit only). Q4_K: Gs 32, Gd 256; Q6_K: 8-bit, Gs 16, Gd 256; Q4_1,
+    Q5_0, Q8_0: Gs = Gd = 32, scales and mins 1 (Q4_1's +m is dmin = -m). A fused linear whose
+    parts are in different formats (q, k in Q4_K, v in Q6_K) keeps one block set, one call, a part.
+    """
+
+    def __init__(self, parts, bias=None):
+        super().__init__()
+        self.sizes = [len(b["qweight"]) for b in parts]
+        self.in_features, self.out_features = unpack(parts[0]["qweight"][:1]).shape[1], sum(self.sizes)
+        self.parts = [tile(b) for b in parts]
+        self.biases = bias.float().split(self.sizes) if bias is not None else [None] * len(parts)
+
+    def forward(self, x):
+        shape, x = x.shape[:-1], x.reshape(-1, x.shape[-1]).contiguous()
+        y = [qmatmul().qmatmul(x, *p, b) for p, b in zip(self.parts, self.biases)]   # a row alone, any rows
+        return (y[0] if len(y) == 1 else torch.cat(y, -1)).view(*shape, -1)
 
 
 @dataclass
@@ -353,10 +439,51 @@ class Decoder(nn.Module):
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-def fuse(state):
+def read_state(path, device, dtype):
+    """The safetensors tensors of a folder: dense ones cast to dtype, and quantized blocks
+    ({linear name: {qweight, scales, ...}}, see QLinear) as they are stored."""
+    from safetensors import SafetensorError, safe_open
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    state, blocks = {}, {}
+    try:
+        for f in files:
+            with safe_open(str(path / f), framework="pt") as st:
+                for name in st.keys():
+                    module, kind = name.rsplit(".", 1)
+                    if kind in BLOCK_TENSORS:
+                        blocks.setdefault(module, {})[kind] = st.get_tensor(name).to(device)
+                    else:
+                        state[name] = st.get_tensor(name).to(device=device, dtype=dtype)
+    except (OSError, SafetensorError, ValueError) as e:
+        raise ModelError(f"cannot read weights in {path}: {e}") from None
+    bad = [m for m, b in blocks.items() if not ({"qweight", "scales", "d"} <= set(b) and len(b["qweight"]) % TILE == 0)]
+    if bad:
+        raise ModelError(f"quantized weights in {path} lack a tensor or 16-row tiles: {bad[0]}")
+    return state, blocks
+
+
+def fuse(state, blocks, dtype):
     """HuggingFace checkpoints keep q, k, v (and gate, up) as separate matrices with the same
     input; stacked into one, a layer makes 4 matmul calls instead of 7, over the same bytes
-    (each call has a fixed cost: about 0.1 ms on a 2-core CPU)."""
+    (each call has a fixed cost: about 0.1 ms on a 2-core CPU). Quantized linears become lists
+    of parts: one part where all share a format, else one each (a part dense beside quantized
+    ones is dequantised)."""
+    for name in list(blocks):
+        for fused, parts in FUSED.items():
+            if name.endswith("." + parts[0]):
+                names = [name[:-len(parts[0])] + p for p in parts]
+                if all(n in blocks for n in names):
+                    pieces = [blocks.pop(n) for n in names]
+                    blocks[name[:-len(parts[0])] + fused] = \
+                        [{k: torch.cat([b[k] for b in pieces]) for k in pieces[0]}] if same_format(pieces) else pieces
+                else:
+                    for n in [n for n in names if n in blocks]:
+                        state[n + ".weight"] = dequantize(blocks.pop(n)).to(dtype)
+    for name, b in blocks.items():
+        if isinstance(b, dict):
+            blocks[name] = [b]
     for key in list(state):
         for fused, parts in FUSED.items():
             if f".{parts[0]}." in key:
@@ -375,26 +502,45 @@ class Transformer(nn.Module):
         self.batch_invariant = True   # False: tree passes read keys in place, faster, their sums in another order
 
     @classmethod
-    def from_dir(cls, path, config: Config, device="cpu", dtype=torch.bfloat16, int4=False):
+    def from_dir(cls, path, config: Config, device="cpu", dtype=torch.bfloat16, quant="auto"):
         """Build on the meta device, take the (memory-mapped) safetensors weights, cast once,
-        then prepare the linears (`prepare`)."""
-        from safetensors import SafetensorError, safe_open
-        path = Path(path)
-        index = path / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-        state = {}
-        try:
-            for f in files:
-                with safe_open(str(path / f), framework="pt") as st:
-                    for name in st.keys():
-                        state[name] = st.get_tensor(name).to(device=device, dtype=dtype)
-        except (OSError, SafetensorError, ValueError) as e:
-            raise ModelError(f"cannot read weights in {path}: {e}") from None
-        if config.tie_embeddings or "lm_head.weight" not in state:
-            state["lm_head.weight"] = state.get("model.embed_tokens.weight")
-        fuse(state)
+        then prepare the linears (`prepare`). quant: "auto" runs quantized blocks where the
+        folder holds them (QLinear), "none" dequantises them, "int4" also quantizes dense
+        linears to 4 bits (lossy). Blocks run where qmatmul.cpp does: the CPU, in bfloat16."""
+        state, blocks = read_state(path, device, dtype)
+        if quant == "int4":
+            say_once("int4: dense and 8-bit linears are rounded to 4 bits (Q4_1's rule): an approximate model")
+            for k in [k for k in state if k.endswith("proj.weight") or k == "lm_head.weight"]:
+                b = quantize_4bit(state[k])
+                if b is not None:
+                    blocks[k[:-len(".weight")]] = b
+                    del state[k]
+            for k in [k for k in blocks if k != "model.embed_tokens" and "mins" not in blocks[k]]:
+                blocks[k] = quantize_4bit(dequantize(blocks[k]))
+        kernel = device == "cpu" and dtype == torch.bfloat16 and quant != "none"
+        if blocks and quant != "none" and not kernel:
+            say_once(f"quantized weights run dequantised: qmatmul.cpp is for the CPU in bfloat16, not {device} {dtype}")
+        kernel = kernel and qmatmul() is not None                # (which says why not, if it is not)
+        embed = blocks.pop("model.embed_tokens", None)           # a lookup: dense
+        if embed is not None:
+            state["model.embed_tokens.weight"] = dequantize(embed).to(dtype)
+        for k in [k for k in blocks if not kernel]:
+            state[k + ".weight"] = dequantize(blocks.pop(k)).to(dtype)
+        if config.tie_embeddings or "lm_head.weight" not in state and "lm_head" not in blocks:
+            if embed is not None and kernel:
+                blocks["lm_head"] = embed
+            else:
+                state["lm_head.weight"] = state.get("model.embed_tokens.weight")
+        fuse(state, blocks, dtype)
         with torch.device("meta"):
             model = cls(config)
+        for name, parts in blocks.items():
+            old = model.get_submodule(name)
+            q = QLinear(parts, state.pop(name + ".bias", None))
+            if (q.out_features, q.in_features) != (old.out_features, old.in_features):
+                raise ModelError(f"weights in {path} do not fit its config.json: {name} is "
+                                 f"{q.out_features} x {q.in_features}, the config implies {old.out_features} x {old.in_features}")
+            model.set_submodule(name, q)
         missing = [k for k in model.state_dict() if state.get(k) is None]
         if missing:
             raise ModelError(f"weights in {path} lack {len(missing)} tensors, e.g. {missing[0]}")
@@ -404,19 +550,12 @@ class Transformer(nn.Module):
             raise ModelError(f"weights in {path} do not fit its config.json: {k} is {tuple(state[k].shape)}, "
                              f"the config implies {tuple(shape)}")
         model.load_state_dict({k: state[k] for k in model.state_dict()}, assign=True)
-        model.prepare(int4)
+        model.prepare()
         return model.eval()
 
-    def prepare(self, int4=False):
-        """Once, at load: pack every linear for the CPU (and keep int4 copies when asked, in bf16).
-        Where that cannot be done (CUDA, float16 without AVX512-FP16, float64) the linears
-        stay plain F.linear, and the reason is said once."""
-        if int4 and self.device.type == "cpu" and self.dtype == torch.bfloat16:
-            for m in self.modules():
-                if isinstance(m, Linear):
-                    m.quantize_int4()
-        elif int4:        # measured: torch's float32 int4 kernel is 6x slower than the packed float32 weights
-            say_once(f"the int4 draft is for the CPU in bfloat16; on {self.device} in {self.dtype} it keeps its weights")
+    def prepare(self):
+        """Once, at load: pack every (dense) linear for the CPU. Where that cannot be done (CUDA,
+        float16 without AVX512-FP16, float64) the linears stay plain F.linear, and the reason is said once."""
         if self.device.type != "cpu":
             return say_once(f"linears on {self.device} run as F.linear (nothing to pack)")
         try:

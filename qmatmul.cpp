@@ -154,7 +154,7 @@ void tile_rows(const Blocks& b, int64_t t0, const uint16_t* x, int64_t ldx, uint
             for (int i = 0; i < TILE; i++) {
                 const float s = float(b.d[gd + i]) * float(FOUR ? b.scales[gs + i] : int8_t(b.scales[gs + i]));
                 const float mn = FOUR ? float(b.dmin[gd + i]) * float(b.mins[gs + i]) : 0.f;
-                for (int m = 0; m < M; m++) acc[m][i] += s * part[m][i] - mn * xsum[m * groups + g];
+                for (int m = 0; m < M; m++) acc[m][i] += s * part[m][i] - (FOUR ? mn * xsum[m * groups + g] : 0.f);
             }
         }
         for (int m = 0; m < M; m++)

@@ -338,20 +338,23 @@ def start(prompt_ids, target, draft, opts: Options):
 _loaded = {}
 
 
-def load_pair(target, draft=None, device="cpu", dtype=torch.bfloat16, draft_quant="int4"):
+QUANTS = ("auto", "none", "int4")
+
+
+def load_pair(target, draft=None, device="cpu", dtype=torch.bfloat16, quant="auto", draft_quant=None):
     """(model, tokenizer) for target and draft (names or folders), loaded once per process.
-    draft_quant "int4" keeps 4-bit copies of the draft's weights for its one-token steps
-    (model.Linear): the draft only proposes, so this changes speed and acceptance, never
-    the output distribution."""
+    quant (model.Transformer.from_dir): "auto" runs a folder's quantized blocks where it has
+    them (the demo models: their GGUF blocks, a third of the bytes), "none" dense weights,
+    "int4" also rounds dense linears to 4 bits (lossy)."""
     pair = []
     for role, name in (("target", target), ("draft", draft)):
         if name is None:
             pair.append(None)
             continue
-        int4 = role == "draft" and draft_quant == "int4"
-        key = (role, str(name), str(device), dtype, int4)    # a draft equal to the target has its own cache
+        q = draft_quant or quant if role == "draft" else quant
+        key = (role, str(name), str(device), dtype, q)    # a draft equal to the target has its own cache
         if key not in _loaded:
-            _loaded[key] = weights.load(name, device=device, dtype=dtype, int4=int4)
+            _loaded[key] = weights.load(name, device=device, dtype=dtype, quant=q)
             _loaded[key][0].batch_invariant = role == "target"   # the draft only proposes: exactness never needs it
         pair.append(_loaded[key])
     check_pair(*pair)
@@ -359,7 +362,7 @@ def load_pair(target, draft=None, device="cpu", dtype=torch.bfloat16, draft_quan
 
 
 def speculative_decode(prompt, target=weights.DEMO_TARGET, draft=weights.DEMO_DRAFT, chat=True,
-                       device="cpu", dtype=torch.bfloat16, draft_quant="int4", on_text=None, **options):
+                       device="cpu", dtype=torch.bfloat16, quant="auto", on_text=None, **options):
     """Python entry point: text and Stats for a prompt. `options` are Options fields
     (mode, max_new_tokens, k, tree_size, budget, on_tree) and Settings fields (temperature, top_k, top_p, seed)."""
     setting_names, option_names = set(Settings.__dataclass_fields__), set(Options.__dataclass_fields__)
@@ -370,15 +373,15 @@ def speculative_decode(prompt, target=weights.DEMO_TARGET, draft=weights.DEMO_DR
     opts = Options(settings=settings, **{k: v for k, v in options.items() if k not in setting_names})
     opts.check()
     check_device(device)
-    if draft_quant not in ("int4", "none"):
-        raise SpecError(f"draft_quant must be 'int4' or 'none', got {draft_quant!r}")
+    if quant not in QUANTS:
+        raise SpecError(f"quant must be one of {', '.join(QUANTS)}, got {quant!r}")
     if not isinstance(prompt, str) or not prompt.strip():
         raise SpecError("the prompt is empty" if isinstance(prompt, str) else "the prompt must be text")
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError:
         raise SpecError("the prompt is not valid UTF-8 text") from None
-    target, draft = load_pair(target, draft if opts.mode != "ar" else None, device, dtype, draft_quant)
+    target, draft = load_pair(target, draft if opts.mode != "ar" else None, device, dtype, quant)
     tok = target[1]
     ids = tok.encode(tok.chat(prompt) if chat and tok.chat_template else prompt)
     stream = Stream(tok, on_text) if on_text else None
@@ -447,8 +450,9 @@ def parser():
     p.add_argument("--viz-dir", metavar="DIR", help="tree: one PNG per step and an animated GIF")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    p.add_argument("--draft-quant", choices=("int4", "none"), default="int4",
-                   help="int4: the draft's one-token steps read 4-bit weights (CPU; about 2x faster), none: --dtype")
+    p.add_argument("--quant", choices=QUANTS, default="auto",
+                   help="auto: a folder's quantized blocks where it has them (the demo models: exact, a third of "
+                        "the bytes), none: dense weights, int4: also round dense linears to 4 bits (lossy)")
     return p
 
 
@@ -494,7 +498,7 @@ def main(argv=None):
     on_tree = (lambda t, path, new: steps.append((t, path, new))) if (a.viz or a.viz_dir) else None
     text, stats = speculative_decode(
         prompt, target=a.target, draft=a.draft, chat=not a.raw, device=a.device, dtype=getattr(torch, a.dtype),
-        draft_quant=a.draft_quant, on_text=lambda s: print(s, end="", flush=True), mode=a.mode, max_new_tokens=a.max_new_tokens,
+        quant=a.quant, on_text=lambda s: print(s, end="", flush=True), mode=a.mode, max_new_tokens=a.max_new_tokens,
         k=a.k, tree_size=a.tree, verify=a.verify, lookup=a.lookup, budget=budget, on_tree=on_tree,
         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     print()

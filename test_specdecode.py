@@ -63,8 +63,8 @@ def tiny_model(folder, arch="qwen2", vocab=32, seed=0, layers=2, scale=1.0, rows
     return folder
 
 
-def load(folder, dtype=torch.float64):
-    return model.Transformer.from_dir(folder, model.Config.from_dir(folder), dtype=dtype)
+def load(folder, dtype=torch.float64, quant="auto"):
+    return model.Transformer.from_dir(folder, model.Config.from_dir(folder), dtype=dtype, quant=quant)
 
 
 class TinyTok:
@@ -103,7 +103,7 @@ def test_logits_match_transformers(tmp_path, arch):
 
 def test_demo_draft_matches_transformers():
     transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (installed by .ci/run)")
-    folder = weights.resolve(weights.DEMO_DRAFT)
+    folder = weights.resolve(weights.DEMO_DRAFT, dense=True)      # transformers reads dense folders
     ours, tok = weights.load(folder, dtype=torch.float32)
     ids = torch.tensor([tok.encode(tok.chat("Write a C function that adds two vectors."))])
     ours.setup_cache(ids.shape[1])
@@ -135,7 +135,7 @@ def test_packed_linears_match_plain_ones(tmp_path, dtype, monkeypatch):
     folder = tiny_model(tmp_path, "qwen2")
     packed = load(folder, dtype)
     assert all(m.packed is not None for m in packed.modules() if isinstance(m, model.Linear))
-    monkeypatch.setattr(model.Transformer, "prepare", lambda self, int4=False: None)
+    monkeypatch.setattr(model.Transformer, "prepare", lambda self: None)
     plain = load(folder, dtype)
     ids = torch.randint(0, 32, (1, 12), generator=torch.Generator().manual_seed(0))
     for m in (packed, plain):
@@ -146,28 +146,69 @@ def test_packed_linears_match_plain_ones(tmp_path, dtype, monkeypatch):
     assert (a - b).abs().max() <= tol and (one_a - one_b).abs().max() <= tol
 
 
-def test_int4_linear_is_the_dequantised_matmul():
-    """quantize_int4 stores W as s_g * w + m_g (w in 0..15, groups of 32 inputs). A weight that
-    already lies on such a grid (as the demo GGUFs' Q4_K weights do) is kept exactly; the int4
-    matmul then equals F.linear with it, for the few-row calls it serves; larger calls use W."""
+def random_blocks(kind, N, K, g):
+    """Random blocks in QLinear's formats, shaped as the GGUF types that make them: 4-bit with
+    super-blocks (Q4_K), 4-bit in groups of 32 (Q4_1), 8-bit in [-32, 31] with super-blocks (Q6_K),
+    8-bit over all of int8 (Q8_0)."""
+    Gs, Gd = {"Q4_K": (32, 256), "Q4_1": (32, 32), "Q6_K": (16, 256), "Q8_0": (32, 32)}[kind]
+    u8 = lambda *shape, hi=256: torch.randint(0, hi, shape, generator=g, dtype=torch.uint8)
+    d = lambda: (torch.rand(N, K // Gd, generator=g) * 2e-2).half()
+    if kind.startswith("Q4"):
+        return dict(qweight=u8(N, K // 2), scales=u8(N, K // Gs, hi=64), mins=u8(N, K // Gs, hi=64), d=d(), dmin=d())
+    lo, hi = (-32, 32) if kind == "Q6_K" else (-128, 128)
+    return dict(qweight=torch.randint(lo, hi, (N, K), generator=g, dtype=torch.int8),
+                scales=torch.randint(-128, 128, (N, K // Gs), generator=g, dtype=torch.int8), d=d())
+
+
+@pytest.fixture(scope="module", params=["avx512", "portable"])
+def qmatmul_kernel(request):
+    """qmatmul.cpp as model.py builds it (its AVX512-BF16 path on these CPUs), and its plain C++
+    path, built here on purpose (CPUs without AVX512-BF16 take it)."""
+    if request.param == "avx512":
+        ext = model.qmatmul()
+        assert ext is not None, "qmatmul.cpp did not build"
+        return ext
+    from torch.utils.cpp_extension import load as build
+    return build(name="specdecode_qmatmul_portable", sources=[str(HERE / "qmatmul.cpp")],
+                 extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-DQMATMUL_PORTABLE"])
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q4_1", "Q6_K", "Q8_0"])
+def test_qmatmul_is_the_exact_weights_matmul_and_a_row_alone(kind, qmatmul_kernel, monkeypatch):
+    """QLinear (qmatmul.cpp) against float64 x @ W^T + b with W = dequantize(blocks), the GGUF's
+    exact weights: within y's bf16 rounding (half an ulp, at most 2^-8 relative) plus float32 sums
+    (1e-4 of the largest |y|). And a row gets the same bits in calls of 1 to 20 rows (1 row,
+    several tiles at once for few rows, chunks of 8 rows): batch invariance without padding."""
+    monkeypatch.setattr(model, "qmatmul", lambda: qmatmul_kernel)
+    g = torch.Generator().manual_seed(0)
+    N, K = 96, 512
+    b = random_blocks(kind, N, K, g)
+    bias = torch.randn(N, generator=g).bfloat16()
+    lin = model.QLinear([b], bias)
+    x = torch.randn(20, K, generator=g).bfloat16()
+    y = lin(x)
+    ref = x.double() @ model.dequantize(b).double().T + bias.double()
+    assert ((y.double() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-4 * ref.abs().max()).all()
+    for rows in range(1, 21):
+        assert torch.equal(lin(x[:rows]), y[:rows]), rows
+        assert torch.equal(lin(x[rows - 1:rows]), y[rows - 1:rows]), rows
+
+
+def test_quantize_4bit_keeps_weights_on_its_grid_and_rounds_others_within_half_a_step():
+    """--quant int4 (Q4_1's rule, groups of 32): a W already on such a grid comes back exactly;
+    any W within half a step of its group (plus the float16 rounding of d and dmin)."""
     g = torch.Generator().manual_seed(0)
     levels = torch.randint(0, 16, (64, 4, 32), generator=g).float()
     levels[..., 0], levels[..., 1] = 0, 15                             # each group spans its grid
-    W = (levels * torch.rand(64, 4, 1, generator=g) * 0.1 - torch.rand(64, 4, 1, generator=g)).view(64, 128)
-    lin = model.Linear(128, 64, bias=True)
-    with torch.no_grad():
-        lin.weight.copy_(W)
-        lin.bias.copy_(torch.randn(64, generator=g))
-    lin.quantize_int4()
-    x = torch.randn(model.INT4_MAX_ROWS, 128, generator=g)
-    assert torch.allclose(lin(x), torch.nn.functional.linear(x, W, lin.bias), atol=1e-4)
-    big = torch.randn(model.INT4_MAX_ROWS + 1, 128, generator=g)
-    assert torch.equal(lin(big), torch.nn.functional.linear(big, lin.weight, lin.bias))
-    rough = model.Linear(128, 64).requires_grad_(False)                 # an arbitrary W: within half a step
-    rough.quantize_int4()
-    err = (rough(x) - torch.nn.functional.linear(x, rough.weight, rough.bias)).abs()
-    step = (rough.weight.view(64, 4, 32).amax(-1) - rough.weight.view(64, 4, 32).amin(-1)) / 15
-    assert err.max() > 0 and (err <= x.abs().view(-1, 4, 32).sum(-1) @ step.T / 2 + 1e-5).all()
+    d = (torch.rand(64, 4, 1, generator=g) * 0.1).half().float()
+    lo = -(torch.rand(64, 4, 1, generator=g)).half().float()
+    W = (levels * d + lo).view(64, 128)
+    assert torch.equal(model.dequantize(model.quantize_4bit(W)), W)
+    rough = torch.randn(64, 128, generator=g)
+    step = (rough.view(64, 4, 32).amax(-1) - rough.view(64, 4, 32).amin(-1)) / 15
+    err = (model.dequantize(model.quantize_4bit(rough)) - rough).view(64, 4, 32).abs().amax(-1)
+    assert err.max() > 0 and (err <= step / 2 * 1.01 + 1e-3).all()
+    assert model.quantize_4bit(torch.randn(24, 128)) is None            # not whole tiles of 16 outputs
 
 
 def random_tree(n, seed):
@@ -202,15 +243,16 @@ def test_tree_mask_equals_each_path_alone(tmp_path, seed):
 
 
 @pytest.mark.parametrize("arch, heads", [("qwen2", 8), ("llama3", 6)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_a_position_s_logits_do_not_depend_on_the_width_of_the_pass(tmp_path, dtype, arch, heads):
+@pytest.mark.parametrize("dtype, quant", [(torch.bfloat16, "none"), (torch.float32, "none"), (torch.bfloat16, "int4")])
+def test_a_position_s_logits_do_not_depend_on_the_width_of_the_pass(tmp_path, dtype, quant, arch, heads):
     """Batch invariance (model.py): after the prompt's pass, scoring a tree of W = 2..32 nodes
     under its tree mask gives the root and every node the same bits as feeding its path one
-    token at a time, as autoregressive decoding does. Linears packed as at load; the model
-    wide enough (hidden 192-256) that they take their real kernels; 4 and 3 query heads a kv
-    head; a prompt of 90 tokens, so that trees cross a block of keys (model.BLOCK)."""
+    token at a time, as autoregressive decoding does. Linears packed as at load, or quantized
+    (qmatmul.cpp); the model wide enough (hidden 192-256) that they take their real kernels; 4
+    and 3 query heads a kv head; a prompt of 90 tokens, so that trees cross a block of keys (model.BLOCK)."""
     m = load(tiny_model(tmp_path, arch, vocab=64, hidden_size=32 * heads, intermediate_size=512,
-                        num_attention_heads=heads, head_dim=32), dtype)
+                        num_attention_heads=heads, head_dim=32), dtype, quant)
+    assert any(isinstance(x, model.QLinear) for x in m.modules()) == (quant == "int4")
     prefix = torch.randint(0, 64, (91,), generator=torch.Generator().manual_seed(0)).tolist()
     m.setup_cache(160)
     m(torch.tensor([prefix[:-1]]))                     # the prompt's pass, the same in every mode
@@ -267,13 +309,13 @@ def test_greedy_chain_and_tree_equal_target_greedy(pair, prompt):
 
 
 def test_int4_draft_keeps_greedy_exact(tmp_path):
-    """An int4 draft proposes differently, but verification uses the q it produced: the
-    output is still the target's own greedy output. The draft is bf16 (int4's dtype); the
-    target float32, where greedy equality is exact (no bf16 near-ties, DESIGN.md)."""
+    """A draft rounded to 4 bits (--quant int4) proposes differently, but verification uses the
+    q it produced: the output is still the target's own greedy output. The draft is bf16
+    (qmatmul.cpp's dtype); the target float32."""
     target = load(tiny_model(tmp_path / "t", vocab=16, seed=1, scale=2.0), torch.float32)
-    folder = tiny_model(tmp_path / "d", vocab=16, seed=2, layers=1, scale=2.0)
-    draft = model.Transformer.from_dir(folder, model.Config.from_dir(folder), dtype=torch.bfloat16, int4=True)
-    assert all(m.int4 is not None for m in draft.modules() if isinstance(m, model.Linear))
+    folder = tiny_model(tmp_path / "d", vocab=16, seed=2, layers=1, scale=2.0, hidden_size=64, intermediate_size=128)
+    draft = load(folder, torch.bfloat16, "int4")
+    assert not any(isinstance(m, model.Linear) for m in draft.modules())
     want, _ = run(target, None, [3, 7], "ar", max_new_tokens=30)
     out, stats = run(target, draft, [3, 7], "chain", k=3, max_new_tokens=30)
     assert out == want and stats.accepted > 0
@@ -937,7 +979,7 @@ def test_bad_flags_and_prompts(tmp_path):
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_p=0), dict(top_k=-2),
                                  dict(max_new_tokens=-5), dict(mode="beam"), dict(seed=2 ** 70), dict(k=0),
                                  dict(budget=tree.Budget(branch=17)), dict(budget=tree.Budget(max_time=float("nan"))),
-                                 dict(tree_size="huge"), dict(device="xyz"), dict(draft_quant="int3"), dict(nonsense=1),
+                                 dict(tree_size="huge"), dict(device="xyz"), dict(quant="int3"), dict(nonsense=1),
                                  dict(verify="maybe")])
 def test_python_api_refuses_bad_options_before_loading(bad, monkeypatch):
     """The API checks what the command line checks, before any model loads."""

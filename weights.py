@@ -20,9 +20,11 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model import SpecdecodeError
@@ -96,23 +98,24 @@ def say(msg):
 
 # ---------------------------------------------------------------------------- loading
 
-def resolve(name_or_path) -> Path:
-    """A folder as given, or a demo name (case-insensitive) fetched and converted once."""
+def resolve(name_or_path, dense=False) -> Path:
+    """A folder as given, or a demo name (case-insensitive) fetched and converted once: its
+    quantized blocks, or with dense a bfloat16 folder (what transformers can load)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     demo = {k.lower(): k for k in DEMO}.get(str(name_or_path).lower())
     if demo is None:
         raise WeightsError(f"no folder '{name_or_path}', and not a demo model (demo models: {', '.join(DEMO)})")
-    return ensure_demo(demo)
+    return ensure_demo(demo, dense)
 
 
-def load(name_or_path, device="cpu", dtype=torch.bfloat16, int4=False):
-    """(Transformer, Tokenizer) from a HuggingFace folder or a demo name."""
+def load(name_or_path, device="cpu", dtype=torch.bfloat16, quant="auto"):
+    """(Transformer, Tokenizer) from a HuggingFace folder or a demo name (quant: model.Transformer.from_dir)."""
     from model import Config, Transformer
-    path = resolve(name_or_path)
+    path = resolve(name_or_path, dense=quant == "none")
     config = Config.from_dir(path)
-    model = Transformer.from_dir(path, config, device=device, dtype=dtype, int4=int4)
+    model = Transformer.from_dir(path, config, device=device, dtype=dtype, quant=quant)
     return model, Tokenizer.from_dir(path)
 
 
@@ -175,13 +178,41 @@ def read_json(path):
 
 # ---------------------------------------------------------------------------- the demo models
 
-def ensure_demo(name) -> Path:
-    """The converted folder for a demo model, fetching and converting it the first time."""
-    out = home() / name
-    if (out / "config.json").is_file():
+CACHE_VERSION = 2     # 1: dense bfloat16 only (unmarked); 2: quantized blocks, dense in <name>-bf16
+
+
+def converted(folder):
+    """A folder this version wrote whole: its config.json (written last) carries CACHE_VERSION."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("specdecode_cache") == CACHE_VERSION
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@contextmanager
+def cache_lock():
+    """One specdecode at a time fetches or converts into home(): a second waits, then finds it done."""
+    import fcntl
+    home().mkdir(parents=True, exist_ok=True)
+    with open(home() / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another specdecode writing {home()}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def ensure_demo(name, dense=False) -> Path:
+    """The converted folder for a demo model, fetching and converting it the first time (a
+    folder an earlier version wrote is converted again)."""
+    out = home() / (f"{name}-bf16" if dense else name)
+    if converted(out):
         return out
     try:
-        convert_gguf(fetch_gguf(name), out)
+        with cache_lock():
+            if not converted(out):
+                convert_gguf(fetch_gguf(name), out, dense)
     except OSError as e:
         raise WeightsError(f"cannot write the demo cache {home()}: {e.strerror or e} "
                            f"(set SPECDECODE_HOME to a folder that can be written)") from None
@@ -288,8 +319,50 @@ def unpermute_rope(w, n_heads):
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def convert_gguf(gguf_path, out: Path):
-    """Dequantise a GGUF file into a HuggingFace folder (bfloat16 safetensors), atomically."""
+# Bytes of one block, and weights in it, for the GGUF types kept as blocks (model.QLinear).
+BLOCK_BYTES = {"Q4_K": (144, 256), "Q4_1": (20, 32), "Q6_K": (210, 256), "Q5_0": (22, 32), "Q8_0": (34, 32)}
+
+
+def gguf_blocks(data, kind, rows):
+    """A GGUF tensor's raw blocks -> model.QLinear's tensors (numpy), the integers as stored.
+    Layouts, per block: Q4_K d, dmin (f16), 8 six-bit scales and mins packed in 12 bytes, 128
+    bytes of nibbles (32 bytes give 64 weights: low nibbles first); Q4_1 d, m (f16), 16 bytes of
+    nibbles (low first): w = d q + m; Q5_0 d, 32 high bits, 16 bytes of low nibbles: w = d (q - 16);
+    Q8_0 d, 32 int8: w = d q; Q6_K 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales, d:
+    w = d sc (q - 32), four quarter-blocks of 32 interleaved as below."""
+    import gguf
+    b = data.reshape(-1, BLOCK_BYTES[kind][0])
+    n = len(b)
+    f16 = lambda lo: b[:, lo:lo + 2].copy().view(np.float16)                      # (n, 1)
+    nibbles = lambda a: np.concatenate((a & 15, a >> 4), axis=1)
+    ones = np.ones((n, 1), np.uint8)
+    if kind == "Q4_K":
+        sc, mn = gguf.quants.Q4_K.get_scale_min(b[:, 4:16])
+        qs = b[:, 16:].reshape(n, 4, 1, 32)
+        q = np.concatenate((qs & 15, qs >> 4), axis=2).reshape(n, 256)
+        out = dict(q=q, scales=sc, mins=mn, d=f16(0), dmin=f16(2))
+    elif kind == "Q4_1":
+        out = dict(q=nibbles(b[:, 4:20]), scales=ones, mins=ones, d=f16(0), dmin=-f16(2))
+    elif kind == "Q5_0":
+        high = (b[:, 2:6].copy().view("<u4") >> np.arange(32, dtype=np.uint32)) & 1
+        out = dict(q=(nibbles(b[:, 6:22]) | (high << 4).astype(np.uint8)).astype(np.int8) - 16, scales=ones.view(np.int8),
+                   d=f16(0))
+    elif kind == "Q8_0":
+        out = dict(q=b[:, 2:].copy().view(np.int8), scales=ones.view(np.int8), d=f16(0))
+    else:                                                # Q6_K: 2 halves x (low/high nibble x 2 x 32 | 4 x 2 bits)
+        low = b[:, :128].reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+        high = b[:, 128:192].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+        q = ((low & 15).reshape(n, 8, 32) | ((high & 3) << 4).reshape(n, 8, 32)).astype(np.int8) - 32
+        out = dict(q=q.reshape(n, 256), scales=b[:, 192:208].copy().view(np.int8), d=f16(208))
+    out = {k: v.reshape(rows, -1) for k, v in out.items()}
+    q = out.pop("q")
+    out["qweight"] = q[:, 0::2] | q[:, 1::2] << 4 if "mins" in out else q
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+
+
+def convert_gguf(gguf_path, out: Path, dense=False):
+    """A GGUF file -> a HuggingFace folder, atomically: 2-D tensors of the BLOCK_BYTES types as
+    their blocks (model.QLinear's tensors), the rest dequantised to bfloat16; dense: all of it."""
     import gguf
     from safetensors.torch import save_file
     say(f"converting {gguf_path.name} to {out} (once)")
@@ -302,20 +375,25 @@ def convert_gguf(gguf_path, out: Path):
     n_heads, n_kv = a("attention.head_count"), a("attention.head_count_kv")
     tk, tokens = gguf_tokenizer(field)
 
-    tensors, names = {}, {t.name for t in reader.tensors}
+    tensors, names, kinds = {}, {t.name for t in reader.tensors}, {}
     for i, t in enumerate(reader.tensors):
-        w = gguf.quants.dequantize(t.data, t.tensor_type)
         part, kind = t.name.rsplit(".", 1)
-        if arch == "llama" and part.endswith(("attn_q", "attn_k")):
-            w = unpermute_rope(w, n_heads if part.endswith("attn_q") else n_kv)
         if part.startswith("blk."):
             _, n, p = part.split(".", 2)
-            name = f"model.layers.{n}.{GGUF_TO_HF[p]}.{kind}"
+            module = f"model.layers.{n}.{GGUF_TO_HF[p]}"
         else:
-            name = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}[part] + f".{kind}"
-        tensors[name] = torch.from_numpy(w.copy()).to(torch.bfloat16)
+            module = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}[part]
+        rows = int(t.shape[-1]) if len(t.shape) == 2 else 0
+        if not dense and t.tensor_type.name in BLOCK_BYTES and rows % 16 == 0 and rows:
+            w = gguf_blocks(t.data, t.tensor_type.name, rows)
+            kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
+        else:
+            w = {kind: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).to(torch.bfloat16)}
+        if arch == "llama" and part.endswith(("attn_q", "attn_k")):
+            w = {k: unpermute_rope(v, n_heads if part.endswith("attn_q") else n_kv) for k, v in w.items()}
+        tensors.update({f"{module}.{k}": v.contiguous() for k, v in w.items()})
         if (i + 1) % 50 == 0 or i + 1 == len(reader.tensors):
-            say(f"  dequantised {i + 1}/{len(reader.tensors)} tensors")
+            say(f"  converted {i + 1}/{len(reader.tensors)} tensors")
 
     eos, bos = field("tokenizer.ggml.eos_token_id"), field("tokenizer.ggml.bos_token_id")
     stop = [eos] + [tokens.index(t) for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>") if t in tokens]
@@ -324,10 +402,13 @@ def convert_gguf(gguf_path, out: Path):
         "hidden_size": a("embedding_length"), "intermediate_size": a("feed_forward_length"),
         "num_hidden_layers": a("block_count"), "num_attention_heads": n_heads, "num_key_value_heads": n_kv,
         "rms_norm_eps": a("attention.layer_norm_rms_epsilon"), "rope_theta": a("rope.freq_base"),
-        "max_position_embeddings": a("context_length"), "vocab_size": tensors["model.embed_tokens.weight"].shape[0],
+        "max_position_embeddings": a("context_length"), "vocab_size": int(reader.tensors[
+            [t.name for t in reader.tensors].index("token_embd.weight")].shape[-1]),
         "tie_word_embeddings": "output.weight" not in names, "hidden_act": "silu",
-        "bos_token_id": bos, "eos_token_id": eos, "torch_dtype": "bfloat16",
+        "bos_token_id": bos, "eos_token_id": eos, "torch_dtype": "bfloat16", "specdecode_cache": CACHE_VERSION,
     }
+    if kinds:
+        config["quantization_config"] = {"quant_method": "gguf", "tensors": kinds, "format": "model.py QLinear"}
     if arch == "qwen3":
         config["head_dim"] = a("attention.key_length")
     token = lambda i: tokens[i] if i is not None else None
