@@ -1061,6 +1061,66 @@ def test_unwritable_cache_and_a_flipped_byte(tmp_path, monkeypatch):
     assert not flipped.exists() and not (tmp_path / name).exists()
 
 
+def verified_gguf(name, home):
+    """The demo's .gguf put into another cache home, copied from the real cache (fetched once)."""
+    source = REAL_HOME / "gguf" / f"{name}.gguf"
+    if not source.is_file():
+        source = weights.fetch_gguf(name)
+    (home / "gguf").mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, home / "gguf")
+
+
+def test_a_cache_from_an_earlier_version_is_converted_again(tmp_path, monkeypatch):
+    """Version 1 wrote dense bf16 folders without a mark; such a folder (or any folder without
+    this version's CACHE_VERSION in its config.json) is converted again, never read as blocks."""
+    name = "SmolLM2-135M-Instruct"
+    verified_gguf(name, tmp_path)
+    old = tmp_path / name
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16"}))
+    (old / "model.safetensors").write_bytes(b"an earlier version's weights")
+    monkeypatch.setenv("SPECDECODE_HOME", str(tmp_path))
+    folder = weights.resolve(name)
+    assert folder == old and weights.converted(folder)
+    from safetensors import safe_open
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as st:
+        assert any(k.endswith(".qweight") for k in st.keys())
+
+
+def test_two_first_runs_at_once_both_succeed(tmp_path):
+    """Two terminals start on one empty cache: one converts, the other waits for it
+    (weights.cache_lock), and both print their text; the cache left is whole."""
+    name = "SmolLM2-135M-Instruct"
+    verified_gguf(name, tmp_path)
+    env = {**os.environ, "SPECDECODE_HOME": str(tmp_path)}
+    runs = [subprocess.Popen([sys.executable, str(HERE / "specdecode.py"), "--mode", "ar", "--target", name,
+                              "--max-new-tokens", "4", "--prompt", "Say hi."], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    for p in runs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0 and out.strip(), err
+    assert weights.converted(tmp_path / name) and not (tmp_path / f"{name}.partial").exists()
+
+
+@pytest.mark.parametrize("name", list(weights.DEMO))
+def test_blocks_dequantise_to_the_gguf_package_s_weights(name, tmp_path):
+    """weights.gguf_blocks keeps a tensor's integers, scales and mins as the GGUF stores them;
+    model.dequantize of those equals gguf.quants.dequantize bit for bit, for the first tensor
+    of every type kept as blocks (Q4_K, Q6_K in the target; Q4_K, Q5_0, Q6_K, Q8_0 in the draft;
+    Q4_1, Q8_0 in SmolLM2)."""
+    import gguf
+    path = REAL_HOME / "gguf" / f"{name}.gguf"
+    reader = gguf.GGUFReader(str(path if path.is_file() else weights.fetch_gguf(name)))
+    seen = set()
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind in weights.BLOCK_BYTES and kind not in seen:
+            seen.add(kind)
+            blocks = weights.gguf_blocks(t.data, kind, int(t.shape[-1]))
+            assert torch.equal(model.dequantize(blocks), torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)))
+    assert seen and seen <= set(weights.BLOCK_BYTES)
+
+
 # ---------------------------------------------------------------------------- the demo weights
 
 SAMPLE = ("def f(x):\n    return x**2  # square\n\n\tTabs\t and   spaces   \n"
@@ -1111,7 +1171,7 @@ def test_stdout_closed_early_ends_quietly():
 @pytest.fixture(scope="module")
 def demo_fp32():
     """The demo pair in float32, where a batched and a one-token pass agree on these argmaxes."""
-    return sd.load_pair(weights.DEMO_TARGET, weights.DEMO_DRAFT, "cpu", torch.float32, "none")
+    return sd.load_pair(weights.DEMO_TARGET, weights.DEMO_DRAFT, "cpu", torch.float32)
 
 
 def demo_ids(tok, prompt="Write a Python function that reverses a singly linked list."):
@@ -1192,7 +1252,7 @@ def test_demo_draft_as_its_own_draft_accepts_every_greedy_node():
     path, so each step accepts all 4 levels, and the draft's probability of each accepted
     token is the target's own (one plain pass over the whole output). Wrong draft positions,
     masks or compaction in tree.grow would only slow decoding and pass every other test."""
-    target, draft = sd.load_pair(weights.DEMO_DRAFT, weights.DEMO_DRAFT, "cpu", torch.float32, "none")
+    target, draft = sd.load_pair(weights.DEMO_DRAFT, weights.DEMO_DRAFT, "cpu", torch.float32)
     budget, ids, q = tree.Budget(max_depth=4, branch=2, max_nodes_per_level=16), demo_ids(target[1]), [None]
     out, stats = sd.generate(ids, target, draft, sd.Options(
         mode="tree", tree_size="fixed", budget=budget, max_new_tokens=20,

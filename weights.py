@@ -342,7 +342,7 @@ def gguf_blocks(data, kind, rows):
         q = np.concatenate((qs & 15, qs >> 4), axis=2).reshape(n, 256)
         out = dict(q=q, scales=sc, mins=mn, d=f16(0), dmin=f16(2))
     elif kind == "Q4_1":
-        out = dict(q=nibbles(b[:, 4:20]), scales=ones, mins=ones, d=f16(0), dmin=-f16(2))
+        out = dict(q=nibbles(b[:, 4:20]), scales=ones, mins=ones.copy(), d=f16(0), dmin=-f16(2))
     elif kind == "Q5_0":
         high = (b[:, 2:6].copy().view("<u4") >> np.arange(32, dtype=np.uint32)) & 1
         out = dict(q=(nibbles(b[:, 6:22]) | (high << 4).astype(np.uint8)).astype(np.int8) - 16, scales=ones.view(np.int8),
