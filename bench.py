@@ -8,11 +8,13 @@
    over its time, against this device's measured copy bandwidth. Then the tree's contract
    (sampler.tree_sample) on 8 and 32 nodes with drawn and top-k children.
 2. Forward passes: milliseconds and effective GB/s (bytes of weights read / time, as
-   gpt-fast prints it) of one target and one draft forward (int4 and not) over 1 and 9 new
-   tokens after a 100-token cache.
+   gpt-fast prints it) of one target and one draft forward over 1, 4, 8 and 16 new tokens
+   after a 100-token cache, from the quantized blocks (qmatmul.cpp; the bytes are the
+   blocks') and from dense bf16 weights.
 3. End to end on a target/draft pair (default: the demo pair): autoregressive, chain
-   (K = 2, 4, auto), tree (auto, auto without lookup, without the int4 draft, and the
-   paper's 25/200 budgets) on code and prose prompts; and on editing prompts (a 55-line
+   (K = 2, 4, auto), tree (auto, auto without lookup, and the paper's 25/200 budgets) on
+   code and prose prompts, and ar, chain K=4 and tree auto on dense bf16 weights (--quant
+   none) for the same-run ratio of blocks over dense; and on editing prompts (a 55-line
    file to return with a function renamed, or with an argument added) autoregressive,
    chain auto and tree auto with and without lookup, each run until the answer ends: an
    edit's worth is the whole file back, and its first 64 tokens would time mostly the
@@ -22,8 +24,8 @@
    adds sampled rows (T = 0.7 and 1.0, seed 1) and rejection sampling's rows beside
    coupled verification's.
    Every row that must equal autoregressive's output (all but rejection's) is checked token
-   for token, in bfloat16 too (model.py's passes are batch-invariant); where one parts, the
-   row says where: a bug.
+   for token against ar on the same weights, in bfloat16 too (model.py's passes are
+   batch-invariant); where one parts, the row says where: a bug.
    --repeat N runs every row N times in turn and reports each row's median run.
    --vs-hf adds transformers' generate, assisted generation (its default dynamic K, and
    K = 4 and 8 but on edits) and prompt lookup on the same folders, and the ratios against them.
@@ -255,33 +257,36 @@ def sampler_table(impls, rows, bandwidth, device, dtype):
 
 
 def weight_bytes(m, tokens):
-    """Bytes of weights one forward over `tokens` new tokens reads: every linear (its int4
-    copy where model.Linear uses it), the norms, and `tokens` rows of the embedding."""
+    """Bytes of weights one forward over `tokens` new tokens reads: every linear (its blocks
+    where it is a QLinear), the norms, and `tokens` rows of the embedding."""
     total = 0
     for mod in m.modules():
         if isinstance(mod, model.Linear):
-            int4 = mod.int4 is not None and tokens <= model.INT4_MAX_ROWS
-            total += sum(t.numel() * t.element_size() for t in mod.int4) if int4 else \
-                mod.in_features * mod.out_features * m.dtype.itemsize
+            total += mod.in_features * mod.out_features * m.dtype.itemsize
             total += mod.bias.numel() * mod.bias.element_size() if mod.bias is not None else 0
+        elif isinstance(mod, model.QLinear):
+            total += sum(t.numel() * t.element_size() for p in mod.parts for t in p[:5])
         elif isinstance(mod, model.RMSNorm):
             total += mod.weight.numel() * mod.weight.element_size()
     return total + tokens * m.config.dim * m.dtype.itemsize
 
 
-def bench_forward(a, reps=41):
-    """Median ms and GB/s of one forward over 1 and 9 new tokens after a 100-token cache. The
-    cases take turns within each repetition, so a noisy spell of the machine hits them alike."""
+WIDTHS = (1, 4, 8, 16)
+
+
+def bench_forward(a, reps=21):
+    """Median ms and GB/s of one forward over WIDTHS new tokens after a 100-token cache, from
+    blocks and from dense weights. The cases take turns within each repetition, so a noisy
+    spell of the machine hits them alike."""
     dtype = getattr(torch, a.dtype)
-    models = {"target": sd.load_pair(a.target, None, a.device, dtype)[0][0],
-              "draft (int4)": sd.load_pair(a.target, a.draft, a.device, dtype, "int4")[1][0],
-              f"draft ({a.dtype})": sd.load_pair(a.target, a.draft, a.device, dtype, "none")[1][0]}
-    if all(m.int4 is None for m in models["draft (int4)"].modules() if isinstance(m, model.Linear)):
-        del models["draft (int4)"]                   # int4 is for bf16 on the CPU: the same model as the next
+    models = {}
+    for quant, label in (("auto", "blocks"), ("none", f"dense {a.dtype}")):
+        (t, _), (d, _) = sd.load_pair(a.target, a.draft, a.device, dtype, quant)
+        models.update({f"target ({label})": t, f"draft ({label})": d})
     for m in models.values():
         m.setup_cache(128)
         m(torch.randint(0, 1000, (1, 100), device=m.device), last=1)
-    times = {(name, tokens): [] for name in models for tokens in (1, 9)}
+    times = {(name, tokens): [] for name in models for tokens in WIDTHS}
     for _ in range(reps):
         for (name, tokens), ts in times.items():
             m = models[name]
@@ -301,9 +306,12 @@ def bench_forward(a, reps=41):
 
 
 def forward_table(rows):
-    lines = ["| model | new tokens | weights read (GB) | ms | GB/s |", "|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['tokens']} | {r['bytes'] / 1e9:.2f} | {r['ms']:.1f} | {r['GB/s']:.1f} |" for r in rows]
-    return "One forward after a 100-token cache (median of 40); GB/s = bytes of weights read / time.\n\n" + "\n".join(lines)
+    one = {r["model"]: r["ms"] for r in rows if r["tokens"] == 1}
+    lines = ["| model | new tokens | weights read (GB) | ms | x 1 token | GB/s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['tokens']} | {r['bytes'] / 1e9:.2f} | {r['ms']:.1f} | {r['ms'] / one[r['model']]:.2f}x "
+              f"| {r['GB/s']:.1f} |" for r in rows]
+    return ("One forward after a 100-token cache (median of 20); GB/s = bytes of weights read / time "
+            "(blocks: their own bytes).\n\n" + "\n".join(lines))
 
 
 METHODS = {
@@ -313,10 +321,12 @@ METHODS = {
     "chain auto": dict(mode="chain", k="auto"),
     "tree auto": dict(mode="tree", tree_size="auto"),
     "tree auto, no lookup": dict(mode="tree", tree_size="auto", lookup="off"),
-    "tree auto, draft not int4": dict(mode="tree", tree_size="auto", draft_quant="none"),
     "tree 25/200 (paper)": dict(mode="tree", tree_size="fixed", budget=tree.Budget(max_nodes_per_level=25, max_total_nodes=200)),
     "chain K=4, rejection": dict(mode="chain", k=4, verify="rejection"),      # sampled rows only: greedy
     "tree auto, rejection": dict(mode="tree", tree_size="auto", verify="rejection"),   # is the same either way
+    "ar, dense": dict(mode="ar", quant="none"),                    # the same rows on dense bf16 weights
+    "chain K=4, dense": dict(mode="chain", k=4, quant="none"),
+    "tree auto, dense": dict(mode="tree", tree_size="auto", quant="none"),
 }
 
 
@@ -327,36 +337,39 @@ def bench_e2e(a):
     dtype = getattr(torch, a.dtype)
     rows = []
     temps = (0.0, 0.7, 1.0) if a.full else (0.0,)
-    drafts = {q: sd.load_pair(a.target, a.draft, a.device, dtype, q)[1] for q in ("int4", "none")}
-    target = sd.load_pair(a.target, None, a.device, dtype)[0]
+    pairs = {q: sd.load_pair(a.target, a.draft, a.device, dtype, q) for q in ("auto", "none")}
+    target = pairs["auto"][0]
     for prompt_name, prompt in PROMPTS.items():
         edit = is_edit(prompt_name)
         max_new = EDIT_TOKENS if edit else a.tokens or (128 if a.full else 64)
         methods = {m: kw for m, kw in METHODS.items() if m in EDIT_METHODS or not edit}
         ids = target[1].encode(target[1].chat(prompt))
         for temperature in temps:
-            runs, ar_out = {}, None
+            runs, ar_out = {}, {}
             for _ in range(a.repeat):
                 for method, kw in methods.items():
                     if temperature == 0 and kw.get("verify") == "rejection":
                         continue
                     kw = dict(kw)
-                    draft = drafts[kw.pop("draft_quant", "int4")] if kw["mode"] != "ar" else None
+                    quant = kw.pop("quant", "auto")
+                    tgt, draft = pairs[quant][0], pairs[quant][1] if kw["mode"] != "ar" else None
                     opts = sd.Options(max_new_tokens=max_new, settings=sd.Settings(temperature=temperature, seed=1), **kw)
-                    out, stats = sd.generate(ids, target, draft, opts)
-                    ar_out = out if method == "ar" and ar_out is None else ar_out
-                    runs.setdefault(method, []).append((out, stats, opts))
+                    out, stats = sd.generate(ids, tgt, draft, opts)
+                    if kw["mode"] == "ar":
+                        ar_out.setdefault(quant, out)
+                    runs.setdefault(method, []).append((out, stats, opts, quant))
                     say(f"  {prompt_name} T={temperature} {method}: {stats.tokens_per_second:.2f} tok/s, "
                         f"{stats.tokens_per_pass:.2f} tok/pass")
                 if a.vs_hf:
                     for r in bench_hf(a, prompt_name, ids, temperature, max_new, edit):
-                        runs.setdefault(r["method"], []).append((None, r["stats"], None))
+                        runs.setdefault(r["method"], []).append((None, r["stats"], None, "none"))
             for method, done in runs.items():
                 same = None
                 if done[0][2] is not None and done[0][2].verify == "coupled":
-                    parted = next((out for out, _, _ in done if out != ar_out), None)
-                    same = parting(ar_out, parted) if parted else True
-                stats = sorted((s for _, s, _ in done), key=lambda s: s.tokens_per_second)[(len(done) - 1) // 2]
+                    want = ar_out[done[0][3]]
+                    parted = next((out for out, _, _, _ in done if out != want), None)
+                    same = parting(want, parted) if parted else True
+                stats = sorted((d[1] for d in done), key=lambda s: s.tokens_per_second)[(len(done) - 1) // 2]
                 rows.append({"prompt": prompt_name, "T": temperature, "method": method, "stats": stats, "same": same})
     return rows
 
@@ -381,7 +394,7 @@ def bench_hf(a, prompt_name, ids, temperature, max_new, edit):
     import transformers
     dtype = getattr(torch, a.dtype)
     if "hf" not in _hf:
-        _hf["hf"] = [transformers.AutoModelForCausalLM.from_pretrained(str(weights.resolve(n)), dtype=dtype).eval()
+        _hf["hf"] = [transformers.AutoModelForCausalLM.from_pretrained(str(weights.resolve(n, dense=True)), dtype=dtype).eval()
                      for n in (a.target, a.draft)]
     tgt, drf = _hf["hf"]
     x, rows, defaults = torch.tensor([ids]), [], copy.deepcopy(drf.generation_config)
@@ -448,7 +461,7 @@ def tree_vs_chain(rows):
     speed, per_pass = [], []
     for key in {(r["prompt"], r["T"]) for r in rows}:
         same = [r for r in rows if (r["prompt"], r["T"]) == key]
-        best = max((r for r in same if r["method"].startswith("chain")), key=lambda r: r["stats"].tokens_per_second)
+        best = max((r for r in same if r["method"].startswith("chain") and "dense" not in r["method"]), key=lambda r: r["stats"].tokens_per_second)
         t = next(r for r in same if r["method"] == "tree auto")
         speed.append(t["stats"].tokens_per_second / best["stats"].tokens_per_second)
         per_pass.append(t["stats"].tokens_per_pass / best["stats"].tokens_per_pass)
@@ -474,6 +487,8 @@ def summary(rows):
              + ", ".join(f"{m} {v:.2f}x" for m, v in median_speedups(rows).items()),
              "", "Tree auto over the fastest chain row of each prompt (median): {:.2f}x tokens/s, "
              "{:.2f}x tokens per target pass.".format(*tree_vs_chain(rows)),
+             "", "Quantized blocks over dense bf16 weights, same method (median over the code and prose prompts): "
+             + ", ".join(f"{m} {versus(rows, m, [m + ', dense'], fresh):.2f}x" for m in ("ar", "chain K=4", "tree auto")),
              "", f"Prose: tree auto {versus(rows, 'tree auto', ['ar'], ['prose']):.2f}x ar, "
              f"chain auto {versus(rows, 'chain auto', ['ar'], ['prose']):.2f}x ar.",
              "", f"Editing: tree auto (lookup on) {versus(rows, 'tree auto', ['ar'], edit):.2f}x ar and "

@@ -464,6 +464,36 @@ def read_state(path, device, dtype):
     return state, blocks
 
 
+def place_blocks(state, blocks, config, device, dtype, quant):
+    """Decide, at load, which linears run as blocks: with quant "int4" dense and 8-bit linears
+    are rounded to 4 bits first; where qmatmul.cpp cannot run them (not the CPU in bf16, no
+    compiler, quant "none") they are dequantised into state; the embedding always is (a
+    lookup), and a tied head reads the embedding's blocks."""
+    if quant == "int4":
+        say_once("int4: dense and 8-bit linears are rounded to 4 bits (Q4_1's rule): an approximate model")
+        for k in [k for k in state if k.endswith("proj.weight") or k == "lm_head.weight"]:
+            b = quantize_4bit(state[k])
+            if b is not None:
+                blocks[k[:-len(".weight")]] = b
+                del state[k]
+        for k in [k for k in blocks if k != "model.embed_tokens" and "mins" not in blocks[k]]:
+            blocks[k] = quantize_4bit(dequantize(blocks[k])) or blocks[k]
+    kernel = device == "cpu" and dtype == torch.bfloat16 and quant != "none"
+    if blocks and quant != "none" and not kernel:
+        say_once(f"quantized weights run dequantised: qmatmul.cpp is for the CPU in bfloat16, not {device} {dtype}")
+    kernel = kernel and qmatmul() is not None                # (which says why not, if it is not)
+    embed = blocks.pop("model.embed_tokens", None)           # a lookup: dense
+    if embed is not None:
+        state["model.embed_tokens.weight"] = dequantize(embed).to(dtype)
+    for k in [k for k in blocks if not kernel]:
+        state[k + ".weight"] = dequantize(blocks.pop(k)).to(dtype)
+    if config.tie_embeddings or "lm_head.weight" not in state and "lm_head" not in blocks:
+        if embed is not None and kernel:
+            blocks["lm_head"] = embed
+        else:
+            state["lm_head.weight"] = state.get("model.embed_tokens.weight")
+
+
 def fuse(state, blocks, dtype):
     """HuggingFace checkpoints keep q, k, v (and gate, up) as separate matrices with the same
     input; stacked into one, a layer makes 4 matmul calls instead of 7, over the same bytes
@@ -508,29 +538,7 @@ class Transformer(nn.Module):
         folder holds them (QLinear), "none" dequantises them, "int4" also quantizes dense
         linears to 4 bits (lossy). Blocks run where qmatmul.cpp does: the CPU, in bfloat16."""
         state, blocks = read_state(path, device, dtype)
-        if quant == "int4":
-            say_once("int4: dense and 8-bit linears are rounded to 4 bits (Q4_1's rule): an approximate model")
-            for k in [k for k in state if k.endswith("proj.weight") or k == "lm_head.weight"]:
-                b = quantize_4bit(state[k])
-                if b is not None:
-                    blocks[k[:-len(".weight")]] = b
-                    del state[k]
-            for k in [k for k in blocks if k != "model.embed_tokens" and "mins" not in blocks[k]]:
-                blocks[k] = quantize_4bit(dequantize(blocks[k]))
-        kernel = device == "cpu" and dtype == torch.bfloat16 and quant != "none"
-        if blocks and quant != "none" and not kernel:
-            say_once(f"quantized weights run dequantised: qmatmul.cpp is for the CPU in bfloat16, not {device} {dtype}")
-        kernel = kernel and qmatmul() is not None                # (which says why not, if it is not)
-        embed = blocks.pop("model.embed_tokens", None)           # a lookup: dense
-        if embed is not None:
-            state["model.embed_tokens.weight"] = dequantize(embed).to(dtype)
-        for k in [k for k in blocks if not kernel]:
-            state[k + ".weight"] = dequantize(blocks.pop(k)).to(dtype)
-        if config.tie_embeddings or "lm_head.weight" not in state and "lm_head" not in blocks:
-            if embed is not None and kernel:
-                blocks["lm_head"] = embed
-            else:
-                state["lm_head.weight"] = state.get("model.embed_tokens.weight")
+        place_blocks(state, blocks, config, device, dtype, quant)
         fuse(state, blocks, dtype)
         with torch.device("meta"):
             model = cls(config)

@@ -965,7 +965,7 @@ def test_bad_flags_and_prompts(tmp_path):
                        (["--device", "xyz"], "device"), (["--seed", "99999999999999999999999"], "seed"),
                        (["--max-time", "nan"], "max-time"), (["--top-p", "0"], "top-p"),
                        (["--viz", "/no/such/folder/t.png"], "--viz"), (["--viz-dir", str(a_file)], "--viz-dir"),
-                       (["--viz-dir", "/proc/no/such"], "--viz-dir"), (["--draft-quant", "int3"], "invalid choice")):
+                       (["--viz-dir", "/proc/no/such"], "--viz-dir"), (["--quant", "int3"], "invalid choice")):
         code, out, err = cli(*args)
         assert_one_line_error(code, err, word)
     code, out, err = cli("--prompt", "-", "--mode", "ar", stdin="")
