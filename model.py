@@ -19,14 +19,14 @@ Module names follow the HuggingFace checkpoints so weights load by name.
 Batch invariance: after the prompt's pass, a position's logits are the same bits whether
 the pass holds 1 token (autoregressive decoding), K + 1 (a chain) or a tree of any shape,
 so speculative decoding emits exactly autoregressive decoding's tokens in bfloat16 too.
-Every op works row by row except two, made invariant: each linear sees at least MIN_ROWS
-rows, and `attention` sums each query's keys in an order fixed by their positions alone
+Every op works row by row except two, made invariant: each dense linear sees at least
+MIN_ROWS rows (a quantized one is invariant at any rows: qmatmul.cpp), and `attention` sums each query's keys in an order fixed by their positions alone
 (a tree node's ancestors, scattered among its siblings' slots, are read in position
 order). The prompt's pass, the same in every mode, takes SDPA's fast kernel instead.
 
 Decoding one token reads every weight once, so its speed is bandwidth over bytes of weights:
-each Linear is packed once at load into oneDNN's blocked layout (`Transformer.prepare`), and
-a draft's may also be kept as 4-bit integers for its small calls, a quarter of the bytes.
+each dense Linear is packed once at load into oneDNN's blocked layout (`Transformer.prepare`);
+a GGUF's quantized blocks (QLinear, qmatmul.cpp) are read as they are, a third of the bytes.
 """
 import json
 import math

@@ -73,10 +73,8 @@ inline __m512i bf16_table(int lo) {                           // word j: bf16(lo
 template <int M, int T, bool FOUR>
 void tile_rows(const Blocks& b, int64_t t, const uint16_t* x, int64_t ldx, uint16_t* y, int64_t ldy,
                const float* xsum, const float* bias) {
-    __m512 acc[T][M], part[T][M];
-    #pragma GCC unroll 8
-    for (int u = 0; u < T; u++)
-        for (int m = 0; m < M; m++) acc[u][m] = _mm512_setzero_ps();
+    __m512 part[T][M];                         // the group's sums, in registers
+    alignas(64) float acc[T][M][TILE] = {};    // the row's sums, touched once a group: they may live in L1
     const __m512i lo = bf16_table(0), hi = bf16_table(-32);
     const __m512i four = _mm512_inserti64x4(lo, _mm512_castsi512_si256(lo), 1);   // 0..15 twice: q + 16 reads q
     const int64_t groups = b.K / b.Gs, pairs = b.Gs / 2, per_d = b.Gd / b.Gs, record = FOUR ? 16 : 32;
@@ -117,8 +115,9 @@ void tile_rows(const Blocks& b, int64_t t, const uint16_t* x, int64_t ldx, uint1
             const __m512 mn = FOUR ? _mm512_mul_ps(ph16(b.dmin + gd), ps16(b.mins + gs, false)) : s;
             #pragma GCC unroll 8
             for (int m = 0; m < M; m++) {
-                acc[u][m] = _mm512_fmadd_ps(s, part[u][m], acc[u][m]);
-                if (FOUR) acc[u][m] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(xsum[m * groups + g]), acc[u][m]);
+                __m512 a = _mm512_fmadd_ps(s, part[u][m], _mm512_load_ps(acc[u][m]));
+                if (FOUR) a = _mm512_fnmadd_ps(mn, _mm512_set1_ps(xsum[m * groups + g]), a);
+                _mm512_store_ps(acc[u][m], a);
             }
         }
     }
@@ -126,7 +125,7 @@ void tile_rows(const Blocks& b, int64_t t, const uint16_t* x, int64_t ldx, uint1
         const __m512 b16 = bias ? _mm512_loadu_ps(bias + (t + u) * TILE) : _mm512_setzero_ps();
         for (int m = 0; m < M; m++)
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ldy + (t + u) * TILE),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[u][m], b16)));
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(acc[u][m]), b16)));
     }
 }
 #else
@@ -166,7 +165,7 @@ void tile_rows(const Blocks& b, int64_t t0, const uint16_t* x, int64_t ldx, uint
 
 using TileFn = void (*)(const Blocks&, int64_t, const uint16_t*, int64_t, uint16_t*, int64_t, const float*, const float*);
 
-constexpr int tiles_at_once(int rows) { return rows == 1 ? 8 : rows == 2 ? 4 : rows <= 4 ? 2 : 1; }
+constexpr int tiles_at_once(int rows) { return rows <= 2 ? 8 : rows <= 4 ? 4 : 2; }   // 10-16 sums in flight
 constexpr int BLOCK = 8;                               // tiles whose weights stay in cache across a long x
 
 template <bool FOUR, bool ONE, int... M>               // [M - 1]: M rows, tiles_at_once(M) tiles (ONE: 1)
