@@ -20,9 +20,9 @@ Batch invariance: after the prompt's pass, a position's logits are the same bits
 the pass holds 1 token (autoregressive decoding), K + 1 (a chain) or a tree of any shape,
 so speculative decoding emits exactly autoregressive decoding's tokens in bfloat16 too.
 Every op works row by row except two, made invariant: each dense linear sees at least
-MIN_ROWS rows (a quantized one is invariant at any rows: qmatmul.cpp), and `attention` sums each query's keys in an order fixed by their positions alone
-(a tree node's ancestors, scattered among its siblings' slots, are read in position
-order). The prompt's pass, the same in every mode, takes SDPA's fast kernel instead.
+MIN_ROWS rows (a quantized one is invariant at any rows: qmatmul.cpp), and `attention`
+sums each query's keys in an order fixed by their positions alone (a tree node's
+ancestors, scattered among its siblings' slots, are read in position order). The prompt's pass, the same in every mode, takes SDPA's fast kernel instead.
 
 Decoding one token reads every weight once, so its speed is bandwidth over bytes of weights:
 each dense Linear is packed once at load into oneDNN's blocked layout (`Transformer.prepare`);
@@ -59,142 +59,6 @@ def say_once(msg):
     if msg not in _said:
         _said.add(msg)
         print(f"[specdecode] {msg}", file=sys.stderr)
-
-
-MIN_ROWS = 4   # measured (Zen 4, Zen 5, Intel family 6 model 207): oneDNN's packed kernels give a row the same
-               # bits for any call of 4 or more rows (bf16 and fp32; 1-3 rows take other kernels), and read
-               # bf16 weights ~25% faster at 4 rows than at 1-3: fewer rows are padded with zeros
-
-
-class Linear(nn.Linear):
-    """y = x W^T + b, with W prepared once at load for the CPU.
-
-    pack(): F.linear on a CPU bf16/fp32 tensor has oneDNN reorder W into its blocked layout
-    on every call, which costs about half the bandwidth; here that reorder is done once (the
-    path Inductor's CPU weight freezing takes) and the plain W is dropped. Same arithmetic:
-    bf16 results are bit-identical, fp32 ones differ in summation order only.
-    """
-    packed = None
-
-    def pack(self):
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)   # 1: laid out for one-token calls
-        del self.weight
-
-    def forward(self, x):
-        shape, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
-        rows = len(x)
-        if self.packed is not None:
-            if rows < MIN_ROWS:                          # zero rows: no more weight bytes, an invariant kernel
-                x = torch.cat((x, x.new_zeros(MIN_ROWS - rows, x.shape[-1])))
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")[:rows]
-        else:
-            y = F.linear(x, self.weight, self.bias)
-        return y.view(*shape, -1)
-
-
-# ---------------------------------------------------------------------------- quantized blocks
-
-BLOCK_TENSORS = ("qweight", "scales", "mins", "d", "dmin")
-TILE = 16          # outputs a record of qmatmul.cpp holds
-
-
-def unpack(qweight):
-    """4-bit (uint8 [N, K/2]: input 2j in byte j's low nibble, 2j + 1 in its high) -> [N, K]; 8-bit as is."""
-    if qweight.dtype == torch.int8:
-        return qweight
-    return torch.stack((qweight & 15, qweight >> 4), -1).view(len(qweight), -1)
-
-
-def dequantize(b):
-    """W [N, K] in float32 from blocks b, in the gguf package's order of operations (its exact weights)."""
-    q = unpack(b["qweight"]).float()
-    K = q.shape[1]
-    Gs, Gd = K // b["scales"].shape[1], K // b["d"].shape[1]
-    per = lambda d, s: (d.float().repeat_interleave(Gd // Gs, 1) * s.float()).repeat_interleave(Gs, 1)
-    W = per(b["d"], b["scales"]) * q
-    return W - per(b["dmin"], b["mins"]) if "mins" in b else W
-
-
-def quantize_4bit(W, group=32):
-    """Q4_1's rule for a dense W (lossy): per group of 32 inputs, W ~ d q - dmin with q in 0..15,
-    d = (max - min) / 15 and dmin = -min in float16. None where W does not split into tiles and groups."""
-    N, K = W.shape
-    if N % TILE or K % group:
-        return None
-    g = W.float().view(N, -1, group)
-    lo, hi = g.amin(-1), g.amax(-1)
-    d, dmin = ((hi - lo) / 15).clamp(min=2 ** -24).half(), (-lo).half()
-    q = ((g + dmin.float()[..., None]) / d.float()[..., None]).round().clamp(0, 15).to(torch.uint8).view(N, K)
-    ones = torch.ones(N, K // group, dtype=torch.uint8)
-    return dict(qweight=q[:, 0::2] | q[:, 1::2] << 4, scales=ones, mins=ones, d=d, dmin=dmin)
-
-
-def tile(b):
-    """Blocks -> qmatmul.cpp's layout: records of 16 outputs x 2 inputs, scales (tiles, groups, 16)."""
-    q = unpack(b["qweight"])
-    N, K = q.shape
-    r = q.view(N // TILE, 2, TILE // 2, K // 2, 2).permute(0, 3, 1, 2, 4).reshape(N // TILE, K // 2, 2, TILE)
-    records = r[:, :, 0] | r[:, :, 1] << 4 if "mins" in b else r.reshape(N // TILE, K // 2, 2 * TILE)
-    by_tile = lambda a: a.view(N // TILE, TILE, -1).transpose(1, 2).contiguous()
-    none = lambda dtype: torch.empty(0, dtype=dtype)
-    narrow = "mins" in b or bool(q.min() >= -32 and q.max() <= 31)
-    return (records.contiguous().view(torch.uint8), by_tile(b["scales"]),
-            by_tile(b["mins"]) if "mins" in b else none(torch.uint8), by_tile(b["d"]),
-            by_tile(b["dmin"]) if "mins" in b else none(torch.float16), narrow)
-
-
-def same_format(parts):
-    K = lambda b: unpack(b["qweight"]).shape[1]
-    key = lambda b: (b["qweight"].dtype, K(b) // b["scales"].shape[1], K(b) // b["d"].shape[1])
-    return len({key(b) for b in parts}) == 1
-
-
-_kernel = {}
-
-
-def qmatmul():
-    """qmatmul.cpp, compiled once per machine (torch caches the build), or None, the reason said once."""
-    if "ext" not in _kernel:
-        _kernel["ext"] = None
-        try:
-            import hashlib
-            from torch.utils.cpp_extension import load
-            flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")   # -march=native differs by CPU
-            t = time.perf_counter()
-            _kernel["ext"] = load(name=f"specdecode_qmatmul_{hashlib.sha1(flags.encode()).hexdigest()[:8]}",
-                                  sources=[str(Path(__file__).with_name("qmatmul.cpp"))], verbose=False,
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"])
-            if time.perf_counter() - t > 2:
-                say_once(f"compiled qmatmul.cpp ({time.perf_counter() - t:.0f} s, once: torch caches the build)")
-        except Exception as e:                       # no compiler, a failed build: dense weights instead, said once
-            say_once(f"no qmatmul kernel ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}): "
-                     "quantized weights run dequantised to dense ones (a C++ compiler makes them 3x fewer bytes)")
-    return _kernel["ext"]
-
-
-class QLinear(nn.Module):
-    """y = x W^T + b with W kept as a GGUF's quantized blocks and multiplied by qmatmul.cpp.
-
-    For output n and input k in group g = k // Gs:
-        W[n, k] = d[n, k // Gd] * scales[n, g] * q[n, k]  -  dmin[n, k // Gd] * mins[n, g]
-    qweight holds q: 4-bit uint8 [N, K/2] (two a byte) or 8-bit int8 [N, K]; scales [N, K/Gs]
-    (uint8 for 4-bit, int8 for 8-bit) and mins [N, K/Gs] uint8; d and dmin [N, K/Gd] float16
-    (mins and dmin for 4-bit only). Q4_K: Gs 32, Gd 256; Q6_K: 8-bit, Gs 16, Gd 256; Q4_1,
-    Q5_0, Q8_0: Gs = Gd = 32, scales and mins 1 (Q4_1's +m is dmin = -m). A fused linear whose
-    parts are in different formats (q, k in Q4_K, v in Q6_K) keeps one block set, one call, a part.
-    """
-
-    def __init__(self, parts, bias=None):
-        super().__init__()
-        self.sizes = [len(b["qweight"]) for b in parts]
-        self.in_features, self.out_features = unpack(parts[0]["qweight"][:1]).shape[1], sum(self.sizes)
-        self.parts = [tile(b) for b in parts]
-        self.biases = bias.float().split(self.sizes) if bias is not None else [None] * len(parts)
-
-    def forward(self, x):
-        shape, x = x.shape[:-1], x.reshape(-1, x.shape[-1]).contiguous()
-        y = [qmatmul().qmatmul(x, *p, b) for p, b in zip(self.parts, self.biases)]   # a row alone, any rows
-        return (y[0] if len(y) == 1 else torch.cat(y, -1)).view(*shape, -1)
 
 
 @dataclass
@@ -631,3 +495,141 @@ class Transformer(nn.Module):
         for cache in self.caches:
             cache.keep(n, n + keep)
         self.length = n + len(keep)
+
+
+# ---------------------------------------------------------------------------- linears, prepared for the CPU
+
+MIN_ROWS = 4   # measured (Zen 4, Zen 5, Intel family 6 model 207): oneDNN's packed kernels give a row the same
+               # bits for any call of 4 or more rows (bf16 and fp32; 1-3 rows take other kernels), and read
+               # bf16 weights ~25% faster at 4 rows than at 1-3: fewer rows are padded with zeros
+
+
+class Linear(nn.Linear):
+    """y = x W^T + b, with W prepared once at load for the CPU.
+
+    pack(): F.linear on a CPU bf16/fp32 tensor has oneDNN reorder W into its blocked layout
+    on every call, which costs about half the bandwidth; here that reorder is done once (the
+    path Inductor's CPU weight freezing takes) and the plain W is dropped. Same arithmetic:
+    bf16 results are bit-identical, fp32 ones differ in summation order only.
+    """
+    packed = None
+
+    def pack(self):
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)   # 1: laid out for one-token calls
+        del self.weight
+
+    def forward(self, x):
+        shape, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        rows = len(x)
+        if self.packed is not None:
+            if rows < MIN_ROWS:                          # zero rows: no more weight bytes, an invariant kernel
+                x = torch.cat((x, x.new_zeros(MIN_ROWS - rows, x.shape[-1])))
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")[:rows]
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y.view(*shape, -1)
+
+
+# ---------------------------------------------------------------------------- quantized blocks (read later)
+
+BLOCK_TENSORS = ("qweight", "scales", "mins", "d", "dmin")
+TILE = 16          # outputs a record of qmatmul.cpp holds
+
+
+def unpack(qweight):
+    """4-bit (uint8 [N, K/2]: input 2j in byte j's low nibble, 2j + 1 in its high) -> [N, K]; 8-bit as is."""
+    if qweight.dtype == torch.int8:
+        return qweight
+    return torch.stack((qweight & 15, qweight >> 4), -1).view(len(qweight), -1)
+
+
+def dequantize(b):
+    """W [N, K] in float32 from blocks b, in the gguf package's order of operations (its exact weights)."""
+    q = unpack(b["qweight"]).float()
+    K = q.shape[1]
+    Gs, Gd = K // b["scales"].shape[1], K // b["d"].shape[1]
+    per = lambda d, s: (d.float().repeat_interleave(Gd // Gs, 1) * s.float()).repeat_interleave(Gs, 1)
+    W = per(b["d"], b["scales"]) * q
+    return W - per(b["dmin"], b["mins"]) if "mins" in b else W
+
+
+def quantize_4bit(W, group=32):
+    """Q4_1's rule for a dense W (lossy): per group of 32 inputs, W ~ d q - dmin with q in 0..15,
+    d = (max - min) / 15 and dmin = -min in float16. None where W does not split into tiles and groups."""
+    N, K = W.shape
+    if N % TILE or K % group:
+        return None
+    g = W.float().view(N, -1, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    d, dmin = ((hi - lo) / 15).clamp(min=2 ** -24).half(), (-lo).half()
+    q = ((g + dmin.float()[..., None]) / d.float()[..., None]).round().clamp(0, 15).to(torch.uint8).view(N, K)
+    ones = torch.ones(N, K // group, dtype=torch.uint8)
+    return dict(qweight=q[:, 0::2] | q[:, 1::2] << 4, scales=ones, mins=ones, d=d, dmin=dmin)
+
+
+def tile(b):
+    """Blocks -> qmatmul.cpp's layout: records of 16 outputs x 2 inputs, scales (tiles, groups, 16)."""
+    q = unpack(b["qweight"])
+    N, K = q.shape
+    r = q.view(N // TILE, 2, TILE // 2, K // 2, 2).permute(0, 3, 1, 2, 4).reshape(N // TILE, K // 2, 2, TILE)
+    records = r[:, :, 0] | r[:, :, 1] << 4 if "mins" in b else r.reshape(N // TILE, K // 2, 2 * TILE)
+    by_tile = lambda a: a.view(N // TILE, TILE, -1).transpose(1, 2).contiguous()
+    none = lambda dtype: torch.empty(0, dtype=dtype)
+    narrow = "mins" in b or bool(q.min() >= -32 and q.max() <= 31)
+    return (records.contiguous().view(torch.uint8), by_tile(b["scales"]),
+            by_tile(b["mins"]) if "mins" in b else none(torch.uint8), by_tile(b["d"]),
+            by_tile(b["dmin"]) if "mins" in b else none(torch.float16), narrow)
+
+
+def same_format(parts):
+    K = lambda b: unpack(b["qweight"]).shape[1]
+    key = lambda b: (b["qweight"].dtype, K(b) // b["scales"].shape[1], K(b) // b["d"].shape[1])
+    return len({key(b) for b in parts}) == 1
+
+
+_kernel = {}
+
+
+def qmatmul():
+    """qmatmul.cpp, compiled once per machine (torch caches the build), or None, the reason said once."""
+    if "ext" not in _kernel:
+        _kernel["ext"] = None
+        try:
+            import hashlib
+            from torch.utils.cpp_extension import load
+            flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")   # -march=native differs by CPU
+            t = time.perf_counter()
+            _kernel["ext"] = load(name=f"specdecode_qmatmul_{hashlib.sha1(flags.encode()).hexdigest()[:8]}",
+                                  sources=[str(Path(__file__).with_name("qmatmul.cpp"))], verbose=False,
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"])
+            if time.perf_counter() - t > 2:
+                say_once(f"compiled qmatmul.cpp ({time.perf_counter() - t:.0f} s, once: torch caches the build)")
+        except Exception as e:                       # no compiler, a failed build: dense weights instead, said once
+            say_once(f"no qmatmul kernel ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}): "
+                     "quantized weights run dequantised to dense ones (a C++ compiler makes them 3x fewer bytes)")
+    return _kernel["ext"]
+
+
+class QLinear(nn.Module):
+    """y = x W^T + b with W kept as a GGUF's quantized blocks and multiplied by qmatmul.cpp.
+
+    For output n and input k in group g = k // Gs:
+        W[n, k] = d[n, k // Gd] * scales[n, g] * q[n, k]  -  dmin[n, k // Gd] * mins[n, g]
+    qweight holds q: 4-bit uint8 [N, K/2] (two a byte) or 8-bit int8 [N, K]; scales [N, K/Gs]
+    (uint8 for 4-bit, int8 for 8-bit) and mins [N, K/Gs] uint8; d and dmin [N, K/Gd] float16
+    (mins and dmin for 4-bit only). Q4_K: Gs 32, Gd 256; Q6_K: 8-bit, Gs 16, Gd 256; Q4_1,
+    Q5_0, Q8_0: Gs = Gd = 32, scales and mins 1 (Q4_1's +m is dmin = -m). A fused linear whose
+    parts are in different formats (q, k in Q4_K, v in Q6_K) keeps one block set, one call, a part.
+    """
+
+    def __init__(self, parts, bias=None):
+        super().__init__()
+        self.sizes = [len(b["qweight"]) for b in parts]
+        self.in_features, self.out_features = unpack(parts[0]["qweight"][:1]).shape[1], sum(self.sizes)
+        self.parts = [tile(b) for b in parts]
+        self.biases = bias.float().split(self.sizes) if bias is not None else [None] * len(parts)
+
+    def forward(self, x):
+        shape, x = x.shape[:-1], x.reshape(-1, x.shape[-1]).contiguous()
+        y = [qmatmul().qmatmul(x, *p, b) for p, b in zip(self.parts, self.biases)]   # a row alone, any rows
+        return (y[0] if len(y) == 1 else torch.cat(y, -1)).view(*shape, -1)

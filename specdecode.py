@@ -341,7 +341,7 @@ _loaded = {}
 QUANTS = ("auto", "none", "int4")
 
 
-def load_pair(target, draft=None, device="cpu", dtype=torch.bfloat16, quant="auto", draft_quant=None):
+def load_pair(target, draft=None, device="cpu", dtype=torch.bfloat16, quant="auto"):
     """(model, tokenizer) for target and draft (names or folders), loaded once per process.
     quant (model.Transformer.from_dir): "auto" runs a folder's quantized blocks where it has
     them (the demo models: their GGUF blocks, a third of the bytes), "none" dense weights,
@@ -351,10 +351,9 @@ def load_pair(target, draft=None, device="cpu", dtype=torch.bfloat16, quant="aut
         if name is None:
             pair.append(None)
             continue
-        q = draft_quant or quant if role == "draft" else quant
-        key = (role, str(name), str(device), dtype, q)    # a draft equal to the target has its own cache
+        key = (role, str(name), str(device), dtype, quant)    # a draft equal to the target has its own cache
         if key not in _loaded:
-            _loaded[key] = weights.load(name, device=device, dtype=dtype, quant=q)
+            _loaded[key] = weights.load(name, device=device, dtype=dtype, quant=quant)
             _loaded[key][0].batch_invariant = role == "target"   # the draft only proposes: exactness never needs it
         pair.append(_loaded[key])
     check_pair(*pair)
@@ -504,7 +503,7 @@ def main(argv=None):
     print()
     print(stats.line(), file=sys.stderr)
     if steps:
-        tok = load_pair(a.target, None, a.device, getattr(torch, a.dtype))[0][1]
+        tok = load_pair(a.target, None, a.device, getattr(torch, a.dtype), a.quant)[0][1]
         if a.viz:
             tree.render(*max(steps, key=lambda s: len(s[0].tokens)), tok, a.viz)
             print(f"[specdecode] wrote {a.viz}", file=sys.stderr)

