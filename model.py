@@ -22,7 +22,8 @@ so speculative decoding emits exactly autoregressive decoding's tokens in bfloat
 Every op works row by row except two, made invariant: each dense linear sees at least
 MIN_ROWS rows (a quantized one is invariant at any rows: qmatmul.cpp), and `attention`
 sums each query's keys in an order fixed by their positions alone (a tree node's
-ancestors, scattered among its siblings' slots, are read in position order). The prompt's pass, the same in every mode, takes SDPA's fast kernel instead.
+ancestors, scattered among its siblings' slots, are read in position order). The
+prompt's pass, the same in every mode, takes SDPA's fast kernel instead.
 
 Decoding one token reads every weight once, so its speed is bandwidth over bytes of weights:
 each dense Linear is packed once at load into oneDNN's blocked layout (`Transformer.prepare`);
@@ -407,7 +408,10 @@ class Transformer(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         for name, parts in blocks.items():
-            old = model.get_submodule(name)
+            try:
+                old = model.get_submodule(name)
+            except AttributeError:
+                raise ModelError(f"weights in {path} quantize {name}, which {config.arch} does not have") from None
             q = QLinear(parts, state.pop(name + ".bias", None))
             if (q.out_features, q.in_features) != (old.out_features, old.in_features):
                 raise ModelError(f"weights in {path} do not fit its config.json: {name} is "
@@ -582,6 +586,7 @@ def tile(b):
 
 
 def same_format(parts):
+    """Blocks one qmatmul call can take stacked: the same bits and group sizes."""
     K = lambda b: unpack(b["qweight"]).shape[1]
     key = lambda b: (b["qweight"].dtype, K(b) // b["scales"].shape[1], K(b) // b["d"].shape[1])
     return len({key(b) for b in parts}) == 1

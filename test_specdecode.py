@@ -942,6 +942,13 @@ def test_bad_model_folders(tmp_path):
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     corrupt = tiny_model(tmp_path / "tok", vocab=8)
     (corrupt / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    stray, partial = tiny_model(tmp_path / "stray", vocab=8), tiny_model(tmp_path / "partial", vocab=8)
+    from safetensors.torch import load_file
+    save_file({**load_file(str(stray / "model.safetensors")),              # blocks for a linear no model has
+               "model.layers.0.mlp.nowhere.qweight": torch.zeros(16, 16, dtype=torch.uint8),
+               "model.layers.0.mlp.nowhere.scales": torch.ones(16, 1, dtype=torch.uint8),
+               "model.layers.0.mlp.nowhere.d": torch.ones(16, 1, dtype=torch.float16)}, str(stray / "model.safetensors"))
+    save_file({"lm_head.qweight": torch.zeros(8, 16, dtype=torch.uint8)}, str(partial / "model.safetensors"))
     bad_configs = {"list": [], "no-heads": {"num_attention_heads": None}, "sizes": {"intermediate_size": 48}}
     for name, change in bad_configs.items():
         folder = tiny_model(tmp_path / name, vocab=8)
@@ -951,7 +958,8 @@ def test_bad_model_folders(tmp_path):
     for folder, word in ((tmp_path / "missing", "no folder"), (tmp_path / "empty", "config.json"),
                          (unsupported, "unsupported architecture"), (truncated, "cannot read weights"),
                          (tmp_path / "list", "not a JSON object"), (tmp_path / "no-heads", "num_attention_heads"),
-                         (tmp_path / "sizes", "do not fit its config.json"), (corrupt, "tokenizer.json")):
+                         (tmp_path / "sizes", "do not fit its config.json"), (corrupt, "tokenizer.json"),
+                         (stray, "does not have"), (partial, "lack a tensor or 16-row tiles")):
         code, out, err = cli("--mode", "ar", "--target", str(folder), "--prompt", "hi")
         assert_one_line_error(code, err, word)
 
