@@ -14,7 +14,7 @@
 // pair p (inputs 2p, 2p+1) the 32 values q form one 16-byte (4-bit) or 32-byte (8-bit) record:
 // value j < 16 is output j / 2, input 2p + j % 2; value 16 + j the same for output 8 + j / 2 (4-bit:
 // value j in byte j's low nibble, value 16 + j in its high nibble). Widened to 32 bf16 (one table
-// lookup), lane i holds output i's pair, and one VDPBF16PS per row adds that pair's products to
+// lookup; Q8_0's full int8 range by conversion), lane i holds output i's pair, and one VDPBF16PS per row adds that pair's products to
 // output i's group sum. scales, mins, d and dmin are stored (tiles, groups, 16): one vector a group.
 //
 // Each record is widened once per call and used by up to 8 rows held in registers, so a call of
@@ -68,8 +68,8 @@ inline __m512i bf16_table(int lo) {                           // word j: bf16(lo
 }
 
 // M rows of x (bf16, row stride ldx) times tiles t .. t + T - 1, into y (row stride ldy).
-// T > 1 for few rows: a VDPBF16PS waits for the one before on its sum, so a row alone needs
-// several tiles' sums in flight. A sum's arithmetic is the same for any M and T.
+// T tiles at once: a VDPBF16PS waits for the one before on its sum, so 10-16 sums are kept in
+// flight (tiles_at_once). A sum's arithmetic is the same for any M and T.
 template <int M, int T, bool FOUR>
 void tile_rows(const Blocks& b, int64_t t, const uint16_t* x, int64_t ldx, uint16_t* y, int64_t ldy,
                const float* xsum, const float* bias) {
