@@ -265,7 +265,7 @@ def weight_bytes(m, tokens):
             total += mod.in_features * mod.out_features * m.dtype.itemsize
             total += mod.bias.numel() * mod.bias.element_size() if mod.bias is not None else 0
         elif isinstance(mod, model.QLinear):
-            total += sum(t.numel() * t.element_size() for p in mod.parts for t in p[:5])
+            total += sum(t.numel() * t.element_size() for p in mod.parts for t in p[:5])   # p[5]: a flag
         elif isinstance(mod, model.RMSNorm):
             total += mod.weight.numel() * mod.weight.element_size()
     return total + tokens * m.config.dim * m.dtype.itemsize

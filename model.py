@@ -547,6 +547,11 @@ def unpack(qweight):
     return torch.stack((qweight & 15, qweight >> 4), -1).view(len(qweight), -1)
 
 
+def inputs(qweight):
+    """K, the inputs a linear's qweight covers (4-bit: two a byte)."""
+    return qweight.shape[1] * (1 if qweight.dtype == torch.int8 else 2)
+
+
 def dequantize(b):
     """W [N, K] in float32 from blocks b, in the gguf package's order of operations (its exact weights)."""
     q = unpack(b["qweight"]).float()
@@ -587,7 +592,7 @@ def tile(b):
 
 def same_format(parts):
     """Blocks one qmatmul call can take stacked: the same bits and group sizes."""
-    K = lambda b: unpack(b["qweight"]).shape[1]
+    K = lambda b: inputs(b["qweight"])
     key = lambda b: (b["qweight"].dtype, K(b) // b["scales"].shape[1], K(b) // b["d"].shape[1])
     return len({key(b) for b in parts}) == 1
 
@@ -630,7 +635,7 @@ class QLinear(nn.Module):
     def __init__(self, parts, bias=None):
         super().__init__()
         self.sizes = [len(b["qweight"]) for b in parts]
-        self.in_features, self.out_features = unpack(parts[0]["qweight"][:1]).shape[1], sum(self.sizes)
+        self.in_features, self.out_features = inputs(parts[0]["qweight"]), sum(self.sizes)
         self.parts = [tile(b) for b in parts]
         self.biases = bias.float().split(self.sizes) if bias is not None else [None] * len(parts)
 

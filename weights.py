@@ -378,7 +378,7 @@ def convert_gguf(gguf_path, out: Path, dense=False):
     n_heads, n_kv = a("attention.head_count"), a("attention.head_count_kv")
     tk, tokens = gguf_tokenizer(field)
 
-    tensors, names, kinds = {}, {t.name for t in reader.tensors}, {}
+    tensors, shapes, kinds = {}, {t.name: t.shape for t in reader.tensors}, {}
     for i, t in enumerate(reader.tensors):
         part, kind = t.name.rsplit(".", 1)
         if part.startswith("blk."):
@@ -405,9 +405,8 @@ def convert_gguf(gguf_path, out: Path, dense=False):
         "hidden_size": a("embedding_length"), "intermediate_size": a("feed_forward_length"),
         "num_hidden_layers": a("block_count"), "num_attention_heads": n_heads, "num_key_value_heads": n_kv,
         "rms_norm_eps": a("attention.layer_norm_rms_epsilon"), "rope_theta": a("rope.freq_base"),
-        "max_position_embeddings": a("context_length"), "vocab_size": int(reader.tensors[
-            [t.name for t in reader.tensors].index("token_embd.weight")].shape[-1]),
-        "tie_word_embeddings": "output.weight" not in names, "hidden_act": "silu",
+        "max_position_embeddings": a("context_length"), "vocab_size": int(shapes["token_embd.weight"][-1]),
+        "tie_word_embeddings": "output.weight" not in shapes, "hidden_act": "silu",
         "bos_token_id": bos, "eos_token_id": eos, "torch_dtype": "bfloat16", "specdecode_cache": CACHE_VERSION,
     }
     if kinds:
