@@ -1,38 +1,51 @@
 // qmatmul.cpp: y = x W^T + b with W kept as llama.cpp's quantized blocks, for bf16 rows on the CPU.
-// Compiled at first use by model.py (torch.utils.cpp_extension.load, -march=native).
+// Compiled at first use by linears.py (torch.utils.cpp_extension.load, -march=native).
 //
-// The blocks (model.py's QLinear has the format): for output n and input k in group g = k / Gs,
+// The blocks (QLinear has the format): for output n and input k in group g = k / Gs,
 //     W[n, k] = s[n, g] q[n, k] - m[n, g],   s = d[n, k / Gd] * scales[n, g],  m = dmin[n, k / Gd] * mins[n, g]
 // q is 4-bit unsigned (Q4_K, Q4_1) or 8-bit signed (Q6_K, Q5_0, Q8_0), d and dmin float16, scales
 // and mins 8-bit, so s and m are exact in float32. Each group's sum is taken on the integers and
 // scaled once, as llama.cpp does:
 //     y[r, n] = sum_g ( s[n, g] * sum_{k in g} q[n, k] x[r, k]  -  m[n, g] * sum_{k in g} x[r, k] )
-// q and x are exact in bf16, so VDPBF16PS (x0 q0 + x1 q1 added to a float32 sum) needs no
-// dequantised weights at all: the exact GGUF weights, in float32 sums, at 4.6 bits a weight.
 //
-// Layout, made once at load (model.py's `tile`): outputs go in tiles of 16. For tile t and input
+// Three paths, one layout, chosen when compiled (`activations` says which numerics ran):
+//  - AVX512-BF16 ("bf16"): q and x are exact in bf16, so VDPBF16PS (x0 q0 + x1 q1 added to a
+//    float32 sum) needs no dequantised weights: the exact GGUF weights times the exact bf16 x.
+//  - AVX2 ("int8", every x86-64 CPU of the last decade): x is quantized per row and per QGROUP
+//    inputs as llama.cpp quantizes activations (its Q8_0): dx = max|x| / 127, xq = round(x / dx),
+//    so y = (dx xq) W^T. VPMADDUBSW multiplies 32 unsigned bytes (4-bit q, or |q| with x's sign
+//    flipped by q's) by 32 signed ones and adds pairs into 16-bit sums: 32 multiply-adds an
+//    instruction, exact in integers, against 8 for a float32 FMA. m's term takes dx sum xq.
+//  - plain C++ ("bf16"), for any other CPU, the same sums as the AVX512 path.
+//
+// Layout, made once at load (linears.py's `tile`): outputs go in tiles of 16. For tile t and input
 // pair p (inputs 2p, 2p+1) the 32 values q form one 16-byte (4-bit) or 32-byte (8-bit) record:
 // value j < 16 is output j / 2, input 2p + j % 2; value 16 + j the same for output 8 + j / 2 (4-bit:
-// value j in byte j's low nibble, value 16 + j in its high nibble). Widened to 32 bf16 (one table
-// lookup; Q8_0's full int8 range by conversion), lane i holds output i's pair, and one VDPBF16PS per row adds that pair's products to
-// output i's group sum. scales, mins, d and dmin are stored (tiles, groups, 16): one vector a group.
+// value j in byte j's low nibble, value 16 + j in its high nibble). So an output's pair sits in two
+// neighbouring values, which is what both VDPBF16PS and VPMADDUBSW multiply and add.
+// scales, mins, d and dmin are stored (tiles, groups, 16): one vector a group.
 //
-// Each record is widened once per call and used by up to 8 rows held in registers, so a call of
-// 8 rows reads the weights once, like a call of 1.
+// Each record is widened once per call and used by up to MAX_ROWS rows held in registers, so a
+// call of several rows reads the weights once, like a call of 1.
 // Batch invariance: a row's sums run over k in one order with the same instructions whatever the
-// number of rows, so its result does not depend on the rows beside it.
+// number of rows (integer sums are exact in any order; x is quantized row by row), so its result
+// does not depend on the rows beside it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <array>
+#include <cmath>
 #include <cstring>
-#if defined(__AVX512BF16__) && !defined(QMATMUL_PORTABLE)
+#if defined(__AVX512BF16__) && !defined(QMATMUL_PORTABLE) && !defined(QMATMUL_AVX2)
 #include <immintrin.h>
 #define QMATMUL_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(QMATMUL_PORTABLE)
+#include <immintrin.h>
+#define QMATMUL_INT8 1
 #endif
 
 namespace {
 
-constexpr int TILE = 16, MAX_ROWS = 8;
+constexpr int TILE = 16, QGROUP = 32;     // QGROUP: inputs an int8 activation scale covers (llama.cpp's Q8_0)
 
 struct Blocks {
     const uint8_t* q;          // records, tile after tile
@@ -40,9 +53,15 @@ struct Blocks {
     const uint8_t* mins;       // same, uint8, 4-bit only
     const at::Half* d;         // (tiles, K / Gd, TILE)
     const at::Half* dmin;      // same, 4-bit only
-    const float* xsum;         // (rows, K / Gs): each row's sum over each group
     int64_t K, Gs, Gd;
-    bool narrow;               // 8-bit q all in [-32, 31] (Q6_K, Q5_0): widened by a 64-entry table
+    bool narrow;               // 8-bit q all in [-32, 31] (Q6_K, Q5_0)
+};
+
+struct Rows {                  // the inputs of a call's rows, from its first: row m at m * K
+    const uint16_t* x;         // bf16
+    const int8_t* xq;          // int8 path: round(x / dx)
+    const float* dx;           // int8 path: (rows, K / QGROUP)
+    const float* xsum;         // (rows, K / Gs): each row's sum over each group (4-bit only)
 };
 
 inline float bf16_float(uint16_t h) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
@@ -53,7 +72,10 @@ inline uint16_t float_bf16(float f) {                 // round to nearest even, 
     return uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
-#ifdef QMATMUL_AVX512
+#if defined(QMATMUL_AVX512)
+constexpr int MAX_ROWS = 8;
+constexpr int tiles_at_once(int rows, bool) { return rows <= 2 ? 8 : rows <= 4 ? 4 : 2; }   // 10-16 sums in flight
+
 inline __m512 ps16(const uint8_t* p, bool sign) {             // 16 bytes -> 16 float32
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm512_cvtepi32_ps(sign ? _mm512_cvtepi8_epi32(v) : _mm512_cvtepu8_epi32(v));
@@ -67,12 +89,11 @@ inline __m512i bf16_table(int lo) {                           // word j: bf16(lo
     return _mm512_load_si512(t);
 }
 
-// M rows of x (bf16, row stride ldx) times tiles t .. t + T - 1, into y (row stride ldy).
+// M rows of x (bf16) times tiles t .. t + T - 1, into y (row stride ldy).
 // T tiles at once: a VDPBF16PS waits for the one before on its sum, so 10-16 sums are kept in
 // flight (tiles_at_once). A sum's arithmetic is the same for any M and T.
 template <int M, int T, bool FOUR>
-void tile_rows(const Blocks& b, int64_t t, const uint16_t* x, int64_t ldx, uint16_t* y, int64_t ldy,
-               const float* xsum, const float* bias) {
+void tile_rows(const Blocks& b, int64_t t, const Rows& in, uint16_t* y, int64_t ldy, const float* bias) {
     __m512 part[T][M];                         // the group's sums, in registers
     alignas(64) float acc[T][M][TILE] = {};    // the row's sums, touched once a group: they may live in L1
     const __m512i lo = bf16_table(0), hi = bf16_table(-32);
@@ -89,7 +110,7 @@ void tile_rows(const Blocks& b, int64_t t, const uint16_t* x, int64_t ldx, uint1
             #pragma GCC unroll 8
             for (int m = 0; m < M; m++) {
                 int32_t v;
-                std::memcpy(&v, x + m * ldx + 2 * p, 4);
+                std::memcpy(&v, in.x + m * b.K + 2 * p, 4);
                 pair[m] = _mm512_set1_epi32(v);
             }
             #pragma GCC unroll 8
@@ -116,7 +137,7 @@ void tile_rows(const Blocks& b, int64_t t, const uint16_t* x, int64_t ldx, uint1
             #pragma GCC unroll 8
             for (int m = 0; m < M; m++) {
                 __m512 a = _mm512_fmadd_ps(s, part[u][m], _mm512_load_ps(acc[u][m]));
-                if (FOUR) a = _mm512_fnmadd_ps(mn, _mm512_set1_ps(xsum[m * groups + g]), a);
+                if (FOUR) a = _mm512_fnmadd_ps(mn, _mm512_set1_ps(in.xsum[m * groups + g]), a);
                 _mm512_store_ps(acc[u][m], a);
             }
         }
@@ -128,11 +149,110 @@ void tile_rows(const Blocks& b, int64_t t, const uint16_t* x, int64_t ldx, uint1
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(acc[u][m]), b16)));
     }
 }
-#else
-// The same sums in plain C++, for CPUs without AVX512-BF16 (and to check this file on them).
+#elif defined(QMATMUL_INT8)
+constexpr int MAX_ROWS = 4;                    // rows held in registers (AVX2 has 16 of them)
+constexpr int tiles_at_once(int rows, bool four) { return rows == 1 ? (four ? 4 : 2) : rows == 2 ? 2 : 1; }
+
+inline __m256 ps8(const uint8_t* p, bool sign) {              // 8 bytes -> 8 float32
+    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm256_cvtepi32_ps(sign ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v));
+}
+
+inline __m256 ph8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+inline __m256i lo32(__m256i v) { return _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)); }       // 16-bit lanes 0-7
+inline __m256i hi32(__m256i v) { return _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1)); }  // lanes 8-15
+
+// M rows of xq times tiles t .. t + T - 1, into y (row stride ldy). A 32-byte load holds two
+// 4-bit records (pairs p, p + 1: low nibbles outputs 0-7, high ones 8-15) or one 8-bit record
+// (pair p: outputs 0-7, then 8-15); x's pair(s) are spread to match, and VPMADDUBSW gives 16-bit
+// lanes of q0 x0 + q1 x1. Those are added in 16 bits while they cannot overflow (|q x| <= 15 * 127:
+// a whole group of 32; |q| <= 32: 4 pairs; else 1), then in 32 bits, then scaled once a group.
 template <int M, int T, bool FOUR>
-void tile_rows(const Blocks& b, int64_t t0, const uint16_t* x, int64_t ldx, uint16_t* y, int64_t ldy,
-               const float* xsum, const float* bias) {
+void tile_rows(const Blocks& b, int64_t t, const Rows& in, uint16_t* y, int64_t ldy, const float* bias) {
+    alignas(32) float acc[T][M][TILE] = {};    // the row's sums, touched once a group
+    const int64_t groups = b.K / b.Gs, pairs = b.Gs / 2, per_d = b.Gd / b.Gs, per_x = QGROUP / b.Gs;
+    const int64_t record = FOUR ? 16 : 32, stride = (b.K / 2) * record, step = FOUR ? 2 : 1;
+    const int64_t chunk = FOUR ? pairs / 2 : b.narrow ? 4 : 1;               // loads summed in 16 bits
+    const __m256i nibble = _mm256_set1_epi8(15);
+    const __m256i spread = FOUR ? _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                                   2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3)
+                                : _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                                   0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1);
+    const uint8_t* q = b.q + t * stride;
+    for (int64_t g = 0; g < groups; g++) {
+        __m256i sum[T][M][2];                                        // 32-bit: outputs 0-7, 8-15
+        #pragma GCC unroll 4
+        for (int u = 0; u < T; u++)
+            for (int m = 0; m < M; m++) sum[u][m][0] = sum[u][m][1] = _mm256_setzero_si256();
+        for (int64_t p = g * pairs; p < (g + 1) * pairs;) {
+            __m256i part[T][M][FOUR ? 2 : 1];                        // 16-bit
+            #pragma GCC unroll 4
+            for (int u = 0; u < T; u++)
+                for (int m = 0; m < M; m++)
+                    for (auto& v : part[u][m]) v = _mm256_setzero_si256();
+            for (int64_t c = 0; c < chunk; c++, p += step, q += step * record) {
+                __m256i xs[M];
+                #pragma GCC unroll 4
+                for (int m = 0; m < M; m++) {
+                    int32_t v = 0;                                   // x's pairs p, p + 1 (4-bit) or p
+                    std::memcpy(&v, in.xq + m * b.K + 2 * p, FOUR ? 4 : 2);
+                    xs[m] = _mm256_shuffle_epi8(_mm256_set1_epi32(v), spread);
+                }
+                #pragma GCC unroll 4
+                for (int u = 0; u < T; u++) {
+                    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + u * stride));
+                    if (FOUR) {
+                        const __m256i lo = _mm256_and_si256(w, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);
+                        #pragma GCC unroll 4
+                        for (int m = 0; m < M; m++) {
+                            part[u][m][0] = _mm256_add_epi16(part[u][m][0], _mm256_maddubs_epi16(lo, xs[m]));
+                            part[u][m][FOUR] = _mm256_add_epi16(part[u][m][FOUR], _mm256_maddubs_epi16(hi, xs[m]));
+                        }
+                    } else {
+                        const __m256i magnitude = _mm256_abs_epi8(w);
+                        #pragma GCC unroll 4
+                        for (int m = 0; m < M; m++)
+                            part[u][m][0] = _mm256_add_epi16(part[u][m][0], _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xs[m], w)));
+                    }
+                }
+            }
+            #pragma GCC unroll 4
+            for (int u = 0; u < T; u++)                               // pairs p, p + 1 are one output's (4-bit)
+                for (int m = 0; m < M; m++) {
+                    const __m256i a = part[u][m][0], z = part[u][m][FOUR];
+                    sum[u][m][0] = _mm256_add_epi32(sum[u][m][0], FOUR ? _mm256_add_epi32(lo32(a), hi32(a)) : lo32(a));
+                    sum[u][m][1] = _mm256_add_epi32(sum[u][m][1], FOUR ? _mm256_add_epi32(lo32(z), hi32(z)) : hi32(a));
+                }
+        }
+        #pragma GCC unroll 4
+        for (int u = 0; u < T; u++) {                                 // acc += s dx sum - m dx sum xq
+            const int64_t gs = ((t + u) * groups + g) * TILE, gd = ((t + u) * (b.K / b.Gd) + g / per_d) * TILE;
+            for (int h = 0; h < 2; h++) {
+                const __m256 s = _mm256_mul_ps(ph8(b.d + gd + 8 * h), ps8(b.scales + gs + 8 * h, !FOUR));
+                const __m256 mn = FOUR ? _mm256_mul_ps(ph8(b.dmin + gd + 8 * h), ps8(b.mins + gs + 8 * h, false)) : s;
+                #pragma GCC unroll 4
+                for (int m = 0; m < M; m++) {
+                    const __m256 sx = _mm256_mul_ps(s, _mm256_set1_ps(in.dx[m * (b.K / QGROUP) + g / per_x]));
+                    __m256 a = _mm256_fmadd_ps(sx, _mm256_cvtepi32_ps(sum[u][m][h]), _mm256_load_ps(acc[u][m] + 8 * h));
+                    if (FOUR) a = _mm256_fnmadd_ps(mn, _mm256_set1_ps(in.xsum[m * groups + g]), a);
+                    _mm256_store_ps(acc[u][m] + 8 * h, a);
+                }
+            }
+        }
+    }
+    for (int u = 0; u < T; u++)
+        for (int m = 0; m < M; m++)
+            for (int i = 0; i < TILE; i++)
+                y[m * ldy + (t + u) * TILE + i] = float_bf16(acc[u][m][i] + (bias ? bias[(t + u) * TILE + i] : 0.f));
+}
+#else
+// The same sums as the AVX512 path in plain C++, for CPUs without AVX512-BF16 or AVX2 (and to check this file on them).
+constexpr int MAX_ROWS = 8;
+constexpr int tiles_at_once(int, bool) { return 1; }
+
+template <int M, int T, bool FOUR>
+void tile_rows(const Blocks& b, int64_t t0, const Rows& in, uint16_t* y, int64_t ldy, const float* bias) {
     const int64_t groups = b.K / b.Gs, pairs = b.Gs / 2, per_d = b.Gd / b.Gs, record = FOUR ? 16 : 32;
     for (int64_t t = t0; t < t0 + T; t++) {
         float acc[M][TILE] = {};
@@ -145,7 +265,7 @@ void tile_rows(const Blocks& b, int64_t t0, const uint16_t* x, int64_t ldx, uint
                     w[(j % TILE) / 2 + (j < TILE ? 0 : TILE / 2)][j % 2] =
                         FOUR ? float((q[j % TILE] >> (j < TILE ? 0 : 4)) & 15) : float(int8_t(q[j]));
                 for (int m = 0; m < M; m++) {
-                    const float x0 = bf16_float(x[m * ldx + 2 * p]), x1 = bf16_float(x[m * ldx + 2 * p + 1]);
+                    const float x0 = bf16_float(in.x[m * b.K + 2 * p]), x1 = bf16_float(in.x[m * b.K + 2 * p + 1]);
                     for (int i = 0; i < TILE; i++) part[m][i] += w[i][0] * x0 + w[i][1] * x1;
                 }
             }
@@ -153,7 +273,7 @@ void tile_rows(const Blocks& b, int64_t t0, const uint16_t* x, int64_t ldx, uint
             for (int i = 0; i < TILE; i++) {
                 const float s = float(b.d[gd + i]) * float(FOUR ? b.scales[gs + i] : int8_t(b.scales[gs + i]));
                 const float mn = FOUR ? float(b.dmin[gd + i]) * float(b.mins[gs + i]) : 0.f;
-                for (int m = 0; m < M; m++) acc[m][i] += s * part[m][i] - (FOUR ? mn * xsum[m * groups + g] : 0.f);
+                for (int m = 0; m < M; m++) acc[m][i] += s * part[m][i] - (FOUR ? mn * in.xsum[m * groups + g] : 0.f);
             }
         }
         for (int m = 0; m < M; m++)
@@ -163,14 +283,52 @@ void tile_rows(const Blocks& b, int64_t t0, const uint16_t* x, int64_t ldx, uint
 }
 #endif
 
-using TileFn = void (*)(const Blocks&, int64_t, const uint16_t*, int64_t, uint16_t*, int64_t, const float*, const float*);
+#ifdef QMATMUL_INT8
+constexpr const char* ACTIVATIONS = "int8";
+#else
+constexpr const char* ACTIVATIONS = "bf16";
+#endif
 
-constexpr int tiles_at_once(int rows) { return rows <= 2 ? 8 : rows <= 4 ? 4 : 2; }   // 10-16 sums in flight
+using TileFn = void (*)(const Blocks&, int64_t, const Rows&, uint16_t*, int64_t, const float*);
+
 constexpr int BLOCK = 8;                               // tiles whose weights stay in cache across a long x
 
 template <bool FOUR, bool ONE, int... M>               // [M - 1]: M rows, tiles_at_once(M) tiles (ONE: 1)
 constexpr std::array<TileFn, sizeof...(M)> table(std::integer_sequence<int, M...>) {
-    return {tile_rows<M + 1, ONE ? 1 : tiles_at_once(M + 1), FOUR>...};
+    return {tile_rows<M + 1, ONE ? 1 : tiles_at_once(M + 1, FOUR), FOUR>...};
+}
+
+// Each row's inputs as the path reads them: int8 (xq, dx: per QGROUP inputs) where it runs, and
+// each row's sum over each weight group (4-bit only: m's term), all row by row.
+void prepare_rows(const uint16_t* x, int64_t rows, int64_t K, int64_t Gs, bool four,
+                  torch::Tensor& xq, torch::Tensor& dx, torch::Tensor& xsum) {
+    const bool int8 = std::strcmp(ACTIVATIONS, "int8") == 0;
+    xq = torch::empty({int8 ? rows : 0, K}, torch::kInt8);
+    dx = torch::empty({int8 ? rows : 0, K / QGROUP}, torch::kFloat32);
+    xsum = torch::zeros({four ? rows : 0, K / Gs}, torch::kFloat32);
+    int8_t* q = xq.data_ptr<int8_t>();
+    float *d = dx.data_ptr<float>(), *s = xsum.data_ptr<float>();
+    for (int64_t r = 0; r < rows; r++) {
+        if (int8)
+            for (int64_t a = 0; a < K / QGROUP; a++) {
+                const uint16_t* v = x + r * K + a * QGROUP;
+                float amax = 0.f;
+                for (int k = 0; k < QGROUP; k++) amax = std::max(amax, std::fabs(bf16_float(v[k])));
+                const float scale = amax > 0.f ? 127.f / amax : 0.f;
+                d[r * (K / QGROUP) + a] = amax / 127.f;
+                for (int k = 0; k < QGROUP; k++) q[r * K + a * QGROUP + k] = int8_t(std::nearbyint(bf16_float(v[k]) * scale));
+            }
+        if (four)
+            for (int64_t g = 0; g < K / Gs; g++) {
+                float sum = 0.f;
+                int32_t isum = 0;
+                for (int64_t k = g * Gs; k < (g + 1) * Gs; k++) {
+                    if (int8) isum += q[r * K + k];
+                    else sum += bf16_float(x[r * K + k]);
+                }
+                s[r * (K / Gs) + g] = int8 ? d[r * (K / QGROUP) + g * Gs / QGROUP] * float(isum) : sum;
+            }
+    }
 }
 
 }  // namespace
@@ -183,35 +341,35 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales, to
     const int64_t rows = x.size(0), K = x.size(1), tiles = q.size(0), N = tiles * TILE;
     TORCH_CHECK(K % 2 == 0 && q.size(1) == K / 2, "blocks of ", 2 * q.size(1), " inputs do not fit x's ", K);
     const int64_t Gs = K / scales.size(1), Gd = K / d.size(1);
-    TORCH_CHECK(Gs % 2 == 0 && Gd % Gs == 0 && K % Gd == 0, "group sizes ", Gs, ", ", Gd, " do not divide ", K);
-    // each row's sum over each group (4-bit only), in one fixed order: a row's alone
+    TORCH_CHECK(Gs % 8 == 0 && Gd % Gs == 0 && K % Gd == 0, "group sizes ", Gs, ", ", Gd, " do not divide ", K);
+    TORCH_CHECK(std::strcmp(ACTIVATIONS, "int8") || (QGROUP % Gs == 0 && K % QGROUP == 0),
+                "int8 activations need groups of at most ", QGROUP, " inputs, not ", Gs);
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
-    auto xsum = torch::zeros({four ? rows : 0, K / Gs}, x.options().dtype(torch::kFloat32));
-    float* xs = xsum.data_ptr<float>();
-    for (int64_t r = 0; r < xsum.size(0); r++)
-        for (int64_t k = 0; k < Gs; k++)
-            for (int64_t g = 0; g < K / Gs; g++) xs[r * (K / Gs) + g] += bf16_float(xp[r * K + g * Gs + k]);
+    torch::Tensor xq, dx, xsum;
+    prepare_rows(xp, rows, K, Gs, four, xq, dx, xsum);
     Blocks b{q.data_ptr<uint8_t>(), reinterpret_cast<const uint8_t*>(scales.data_ptr()),
              four ? mins.data_ptr<uint8_t>() : nullptr, d.data_ptr<at::Half>(), four ? dmin.data_ptr<at::Half>() : nullptr,
-             xs, K, Gs, Gd, narrow};
+             K, Gs, Gd, narrow};
     torch::Tensor bias32 = bias ? bias->to(torch::kFloat32).contiguous() : torch::Tensor();
     const float* bp = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
     auto y = torch::empty({rows, N}, x.options());
     uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-    using Rows = std::make_integer_sequence<int, MAX_ROWS>;
-    static const auto many4 = table<true, false>(Rows{}), one4 = table<true, true>(Rows{});
-    static const auto many8 = table<false, false>(Rows{}), one8 = table<false, true>(Rows{});
+    using Many = std::make_integer_sequence<int, MAX_ROWS>;
+    static const auto many4 = table<true, false>(Many{}), one4 = table<true, true>(Many{});
+    static const auto many8 = table<false, false>(Many{}), one8 = table<false, true>(Many{});
     const auto& many = four ? many4 : many8;
     const auto& one = four ? one4 : one8;
     at::parallel_for(0, tiles, BLOCK, [&](int64_t t0, int64_t t1) {
         for (int64_t block = t0; block < t1; block += BLOCK) {
             const int64_t end = std::min<int64_t>(block + BLOCK, t1);
             for (int64_t r = 0; r < rows; r += MAX_ROWS) {
-                const int64_t m = std::min<int64_t>(MAX_ROWS, rows - r), step = tiles_at_once(m);
-                const float* sums = xs + (four ? r * (K / Gs) : 0);
+                const int64_t m = std::min<int64_t>(MAX_ROWS, rows - r), step = tiles_at_once(m, four);
+                const Rows in{xp + r * K, xq.numel() ? xq.data_ptr<int8_t>() + r * K : nullptr,
+                              dx.numel() ? dx.data_ptr<float>() + r * (K / QGROUP) : nullptr,
+                              four ? xsum.data_ptr<float>() + r * (K / Gs) : nullptr};
                 int64_t t = block;
-                for (; t + step <= end; t += step) many[m - 1](b, t, xp + r * K, K, yp + r * N, N, sums, bp);
-                for (; t < end; t++) one[m - 1](b, t, xp + r * K, K, yp + r * N, N, sums, bp);
+                for (; t + step <= end; t += step) many[m - 1](b, t, in, yp + r * N, N, bp);
+                for (; t < end; t++) one[m - 1](b, t, in, yp + r * N, N, bp);
             }
         }
     });
@@ -220,4 +378,5 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales, to
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("qmatmul", &qmatmul, "y = x W^T + b, W as quantized blocks in 16-output tiles");
+    m.attr("activations") = ACTIVATIONS;
 }
