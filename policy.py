@@ -3,8 +3,10 @@ the plan of each step that maximises expected tokens per second. It only measure
 decides; the tokens emitted never depend on it (verification keeps them exact).
 
 Cost. Once per loaded model, its forward is timed at WIDTHS new tokens (best of three), and
-`Costs.seconds(n)` interpolates that table. Measured once, the plans do not follow the
-clock's noise during a run: the same prompt gets the same plans every run.
+`Costs.seconds(n)` interpolates that table, each width corrected by the median ratio of the
+passes seen since (every forward on the CPU is timed) to what the table said: a table timed
+during a burst of load, or a machine that gets busier or quieter, is refit by the passes
+themselves, and a width never seen takes the correction of the nearest one seen.
 
 Acceptance. Once its parent is accepted, a draft token x at depth d with draft
 probability q(x) is accepted with probability about min(1, c_d q(x)), where c_d is this
@@ -23,10 +25,11 @@ step (one token, one one-token pass) and a lookup chain from the root.
 """
 import bisect
 import math
+import statistics
 import sys
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,14 +43,38 @@ RECENT = 8                        # a guess: drafted steps the draft is judged o
 
 @dataclass
 class Costs:
-    """Seconds of one forward over n new tokens, from a table measured at `widths`."""
+    """Seconds of one forward over n new tokens, from a table measured at `widths`, refit by
+    the passes observed since."""
     widths: tuple
     times: tuple
+    seen: dict = field(default_factory=dict)     # table index -> recent (observed / table) ratios
+    fit: tuple = None                            # fitted(), until the next observation
 
     def seconds(self, n):
+        self.fit = self.fit or self.fitted()
+        return self.interpolate(self.fit, n)
+
+    def interpolate(self, times, n):
+        """Linear between the widths, the last segment continued past them."""
         i = min(max(bisect.bisect_left(self.widths, n), 1), len(self.widths) - 1)
-        (w0, w1), (t0, t1) = self.widths[i - 1:i + 1], self.times[i - 1:i + 1]
+        (w0, w1), (t0, t1) = self.widths[i - 1:i + 1], times[i - 1:i + 1]
         return max(t0 + (t1 - t0) * (n - w0) / (w1 - w0), 1e-6)
+
+    def fitted(self):
+        """The table, each width times the median ratio seen at the nearest width that has one."""
+        if not self.seen:
+            return self.times
+        ratio = {i: statistics.median(r) for i, r in self.seen.items()}
+        nearest = lambda i: ratio[min(ratio, key=lambda j: (abs(j - i), j))]
+        return tuple(t * nearest(i) for i, t in enumerate(self.times))
+
+    def observe(self, n, seconds):
+        """A pass over n new tokens took `seconds`: kept (the last RECENT) at the nearest width."""
+        i = min(range(len(self.widths)), key=lambda j: abs(self.widths[j] - n))
+        ratios = self.seen.setdefault(i, [])
+        ratios.append(seconds / self.interpolate(self.times, n))
+        del ratios[:-RECENT]
+        self.fit = None
 
 
 _measured = weakref.WeakKeyDictionary()          # model -> its Costs
@@ -71,10 +98,28 @@ def costs(model, name, rounds=3):
                 times[i] = min(times[i], time.perf_counter() - t0)
         times = [min(times[i:]) for i in range(len(times))]      # a narrower pass is never dearer: noise
         _measured[model] = Costs(WIDTHS, tuple(times))
+        if model.device.type == "cpu":                           # (a GPU's forward returns before it is done)
+            watch(model, _measured[model])
         ms = "/".join(f"{s * 1e3:.0f}" for s in times)
         print(f"[specdecode] {name} forward at {'/'.join(map(str, WIDTHS))} tokens: {ms} ms "
               f"(timed once, {time.perf_counter() - t:.1f} s)", file=sys.stderr)
     return _measured[model]
+
+
+def watch(model, costs):
+    """Time every later forward of `model` after the prompt's (those up to max(WIDTHS) tokens
+    wide) into costs.observe: hooks around the module's call, so no step needs to time itself."""
+    began = {}
+
+    def before(module, args):
+        began["t"] = time.perf_counter() if 0 < module.length and args[0].shape[1] <= max(WIDTHS) else None
+
+    def after(module, args, out):
+        if began["t"] is not None:
+            costs.observe(args[0].shape[1], time.perf_counter() - began["t"])
+
+    model.register_forward_pre_hook(before)
+    model.register_forward_hook(after)
 
 
 class Acceptance:
@@ -165,14 +210,14 @@ class Auto:
     def __init__(self, target: Costs, draft: Costs):
         self.target, self.draft = target, draft
         self.acceptance, self.lookup, self.match = Acceptance(), LookupRates(), 0
-        self.recent, self.idle = [], 0               # (tokens, priced seconds) of the last drafted steps; steps since
+        self.recent, self.idle = [], 0               # (tokens, tree) of the last drafted steps; steps since
 
     def plan(self, guess=(), match=0):
         """This step's plan: draft, or not (a plain step, or the lookup chain alone)."""
         self.match = match
         p = AutoPlan(self, self.lookup.runs(match, len(guess)) if guess else [])
         _, alone = p.best_chain(1.0, len(guess))
-        drafting = sum(n for n, _ in self.recent) / sum(s for _, s in self.recent) if self.recent else math.inf
+        drafting = sum(n for n, _ in self.recent) / sum(self.price(t) for _, t in self.recent) if self.recent else math.inf
         p.drafts = drafting > alone or self.idle >= RECENT     # alone: at least a plain step's 1 / seconds(1)
         self.idle = 0 if p.drafts else self.idle + 1             # a draft that lost is tried again now and then
         p.drafting = self.draft.seconds(1) if p.drafts else 0.0
@@ -187,7 +232,7 @@ class Auto:
 
     def observe(self, step):
         if step.tree.levels:
-            self.recent = (self.recent + [(len(step.tokens), self.price(step.tree))])[-RECENT:]
+            self.recent = (self.recent + [(len(step.tokens), step.tree)])[-RECENT:]    # priced at today's costs
         self.acceptance.observe(step.tree, step.path)
         self.lookup.observe(step.tree, step.path, self.match)
 
