@@ -10,11 +10,12 @@
 2. Forward passes: milliseconds and effective GB/s (bytes of weights read / time, as
    gpt-fast prints it) of one target and one draft forward over 1, 4, 8 and 16 new tokens
    after a 100-token cache, from the quantized blocks (qmatmul.cpp; the bytes are the
-   blocks') and from dense bf16 weights.
+   blocks') and, with --dense, from dense bf16 weights.
 3. End to end on a target/draft pair (default: the demo pair): autoregressive, chain
    (K = 2, 4, auto), tree (auto, auto without lookup, and the paper's 25/200 budgets) on
-   code and prose prompts, and ar, chain K=4 and tree auto on dense bf16 weights (--quant
-   none) for the same-run ratio of blocks over dense; and on editing prompts (a 55-line
+   code and prose prompts (with --dense also ar, chain K=4 and tree auto on dense bf16 weights,
+   --quant none, for the same-run ratio of blocks over dense: slow where oneDNN cannot pack bf16,
+   on CPUs without AVX512); and on editing prompts (a 55-line
    file to return with a function renamed, or with an argument added) autoregressive,
    chain auto and tree auto with and without lookup, each run until the answer ends: an
    edit's worth is the whole file back, and its first 64 tokens would time mostly the
@@ -142,6 +143,20 @@ def copy_bandwidth(device):
         sync(device)
         times.append(time.perf_counter() - t)
     return 2 * x.numel() * 4 / statistics.median(times)
+
+
+def read_bandwidth(device):
+    """Bytes per second of one read of 1 GiB (a sum over it, best of 5): the ceiling of every
+    GB/s figure here, and with a model's bytes the floor of its one-token pass."""
+    x = torch.ones(1 << 28, device=device)
+    times = []
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        x.sum()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / min(times)
 
 
 def realistic_inputs(B, K, V, g, device, dtype):
@@ -276,11 +291,11 @@ WIDTHS = (1, 4, 8, 16)
 
 def bench_forward(a, reps=21):
     """Median ms and GB/s of one forward over WIDTHS new tokens after a 100-token cache, from
-    blocks and from dense weights. The cases take turns within each repetition, so a noisy
-    spell of the machine hits them alike."""
+    blocks (and with --dense from dense weights). The cases take turns within each repetition,
+    so a noisy spell of the machine hits them alike. Then where a one-token pass goes."""
     dtype = getattr(torch, a.dtype)
     models = {}
-    for quant, label in (("auto", "blocks"), ("none", f"dense {a.dtype}")):
+    for quant, label in (("auto", "blocks"), ("none", f"dense {a.dtype}"))[:2 if a.dense else 1]:
         (t, _), (d, _) = sd.load_pair(a.target, a.draft, a.device, dtype, quant)
         models.update({f"target ({label})": t, f"draft ({label})": d})
     for m in models.values():
@@ -297,21 +312,56 @@ def bench_forward(a, reps=21):
             m(x, last=tokens)
             sync(m.device)
             ts.append(time.perf_counter() - t)
-    rows = []
+    rows, bandwidth = [], read_bandwidth(a.device)
     for (name, tokens), ts in times.items():
         s, nbytes = statistics.median(ts[1:]), weight_bytes(models[name], tokens)
-        rows.append({"model": name, "tokens": tokens, "ms": s * 1e3, "GB/s": nbytes / s / 1e9, "bytes": nbytes})
+        rows.append({"model": name, "tokens": tokens, "ms": s * 1e3, "GB/s": nbytes / s / 1e9, "bytes": nbytes,
+                     "floor ms": nbytes / bandwidth * 1e3})
         say(f"  forward {name}, {tokens} tokens: {s * 1e3:.1f} ms, {rows[-1]['GB/s']:.1f} GB/s")
-    return rows
+    return rows, bandwidth, {name: one_token_breakdown(m) for name, m in models.items()}
 
 
-def forward_table(rows):
+def one_token_breakdown(m, reps=10):
+    """Of a one-token pass: ms in its linears (each call timed) and outside them, and
+    torch.profiler's costliest ops outside them (qmatmul.cpp's calls are not torch ops)."""
+    linears = [mod for mod in m.modules() if isinstance(mod, (model.Linear, model.QLinear))]
+    spent = [0.0]
+
+    def timed(f):
+        def call(x):
+            t = time.perf_counter()
+            y = f(x)
+            spent[0] += time.perf_counter() - t
+            return y
+        return call
+
+    for mod in linears:
+        mod.forward = timed(mod.forward)
+    total = time.perf_counter()
+    with torch.profiler.profile() as prof:
+        for _ in range(reps):
+            m.truncate(100)
+            m(torch.tensor([[7]], device=m.device), last=1)
+    total = time.perf_counter() - total
+    for mod in linears:
+        del mod.forward                                  # the class's forward again
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:6]
+    return {"linears ms": spent[0] / reps * 1e3, "rest ms": (total - spent[0]) / reps * 1e3,
+            "ops": [(e.key, e.count // reps, e.self_cpu_time_total / reps / 1e3) for e in ops]}
+
+
+def forward_table(rows, bandwidth, breakdown):
     one = {r["model"]: r["ms"] for r in rows if r["tokens"] == 1}
-    lines = ["| model | new tokens | weights read (GB) | ms | x 1 token | GB/s |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['tokens']} | {r['bytes'] / 1e9:.2f} | {r['ms']:.1f} | {r['ms'] / one[r['model']]:.2f}x "
-              f"| {r['GB/s']:.1f} |" for r in rows]
-    return ("One forward after a 100-token cache (median of 20); GB/s = bytes of weights read / time "
-            "(blocks: their own bytes).\n\n" + "\n".join(lines))
+    lines = ["| model | new tokens | weights read (GB) | ms | x 1 token | GB/s | x byte floor |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['tokens']} | {r['bytes'] / 1e9:.3f} | {r['ms']:.1f} | {r['ms'] / one[r['model']]:.2f}x "
+              f"| {r['GB/s']:.1f} | {r['ms'] / r['floor ms']:.2f}x |" for r in rows]
+    parts = [f"- {name}, one token (under the profiler): linears {b['linears ms']:.1f} ms, the rest {b['rest ms']:.1f} ms; "
+             "costliest ops outside the linears, per pass: "
+             + ", ".join(f"{k} {n}x {ms:.2f} ms" for k, n, ms in b["ops"]) for name, b in breakdown.items()]
+    return (f"One forward after a 100-token cache (median of 20); GB/s = bytes of weights read / time "
+            f"(blocks: their own bytes); this machine reads {bandwidth / 1e9:.1f} GB/s (1 GiB, best of 5), so the "
+            "byte floor of a pass is its bytes / that.\n\n" + "\n".join(lines) + "\n\n" + "\n".join(parts))
 
 
 METHODS = {
@@ -337,12 +387,12 @@ def bench_e2e(a):
     dtype = getattr(torch, a.dtype)
     rows = []
     temps = (0.0, 0.7, 1.0) if a.full else (0.0,)
-    pairs = {q: sd.load_pair(a.target, a.draft, a.device, dtype, q) for q in ("auto", "none")}
+    pairs = {q: sd.load_pair(a.target, a.draft, a.device, dtype, q) for q in ("auto", "none")[:2 if a.dense else 1]}
     target = pairs["auto"][0]
     for prompt_name, prompt in PROMPTS.items():
         edit = is_edit(prompt_name)
         max_new = EDIT_TOKENS if edit else a.tokens or (128 if a.full else 64)
-        methods = {m: kw for m, kw in METHODS.items() if m in EDIT_METHODS or not edit}
+        methods = {m: kw for m, kw in METHODS.items() if (m in EDIT_METHODS or not edit) and kw.get("quant", "auto") in pairs}
         ids = target[1].encode(target[1].chat(prompt))
         for temperature in temps:
             runs, ar_out = {}, {}
@@ -363,6 +413,9 @@ def bench_e2e(a):
                 if a.vs_hf:
                     for r in bench_hf(a, prompt_name, ids, temperature, max_new, edit):
                         runs.setdefault(r["method"], []).append((None, r["stats"], None, "none"))
+                if a.vs_llamacpp and temperature == 0:
+                    for method, stats in bench_llamacpp(a, ids, max_new, target[1].stop_ids, edit).items():
+                        runs.setdefault(method, []).append((None, stats, None, "none"))
             for method, done in runs.items():
                 same = None
                 if done[0][2] is not None and done[0][2].verify == "coupled":
@@ -424,18 +477,55 @@ def bench_hf(a, prompt_name, ids, temperature, max_new, edit):
 _hf = {}
 
 
+def bench_llamacpp(a, ids, max_new, stop_ids, edit):
+    """llama.cpp (llama-cpp-python, built from source with this machine's flags) on the same
+    GGUF files, token ids, threads and token counts, greedy: its plain decoding, the bar, and on
+    edits its one built-in speculative mode, prompt lookup (LlamaPromptLookupDecoding, its
+    default 10 tokens). Timed end to end like our rows: the prompt's pass, then each token."""
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+    gguf = weights.home() / "gguf" / f"{a.target}.gguf"
+    kinds = {LLAMA: None, **({"llama.cpp prompt lookup": LlamaPromptLookupDecoding} if edit else {})}
+    out = {}
+    for method, draft in kinds.items():
+        key = (method, len(ids) + max_new)
+        if key not in _llamacpp:
+            _llamacpp.clear()                            # one model in memory at a time
+            _llamacpp[key] = Llama(model_path=str(gguf), n_ctx=len(ids) + max_new + 16, n_batch=512,
+                                   n_threads=torch.get_num_threads(), draft_model=draft and draft(), verbose=False)
+        llm, new = _llamacpp[key], []
+        t = time.perf_counter()
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            new.append(token)
+            if token in stop_ids or len(new) == max_new:
+                break
+        stats = sd.Stats(mode="llama.cpp", prompt_tokens=len(ids), new_tokens=len(new), seconds=time.perf_counter() - t)
+        say(f"  {method}: {stats.tokens_per_second:.2f} tok/s")
+        out[method] = stats
+    return out
+
+
+_llamacpp = {}
+
+
+LLAMA = "llama.cpp plain"
+
+
 def e2e_table(rows):
-    head = ["prompt", "T", "method", "tokens/s", "speedup vs ar", "acceptance", "tokens/pass", "draft passes",
-            "output == ar"]
+    head = ["prompt", "T", "method", "tokens/s", "speedup vs ar", "x llama.cpp", "acceptance", "tokens/pass",
+            "mean tree", "draft passes", "output == ar"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = {(r["prompt"], r["T"]): r["stats"].tokens_per_second for r in rows if r["method"] == "ar"}
+    bar = {(r["prompt"], r["T"]): r["stats"].tokens_per_second for r in rows if r["method"] == LLAMA}
     for r in rows:
-        s = r["stats"]
+        s, key = r["stats"], (r["prompt"], r["T"])
         lines.append("| " + " | ".join([
             r["prompt"], f"{r['T']:g}", r["method"], f"{s.tokens_per_second:.2f}",
-            f"{s.tokens_per_second / base[(r['prompt'], r['T'])]:.2f}x",
+            f"{s.tokens_per_second / base[key]:.2f}x", f"{s.tokens_per_second / bar[key]:.2f}x" if key in bar else "-",
             f"{s.acceptance:.2f}" if s.mode in ("chain", "tree") else "-",
-            f"{s.tokens_per_pass:.2f}" if s.target_passes else "-", str(s.draft_passes) if s.mode != "hf" else "-",
+            f"{s.tokens_per_pass:.2f}" if s.target_passes else "-",
+            f"{s.drafted / s.target_passes:.1f}" if s.mode == "tree" and s.target_passes else "-",
+            str(s.draft_passes) if s.mode not in ("hf", "llama.cpp") else "-",
             "-" if r["same"] is None else r["same"] if isinstance(r["same"], str) else "yes"]) + " |")
     return "\n".join(lines)
 
@@ -487,8 +577,6 @@ def summary(rows):
              + ", ".join(f"{m} {v:.2f}x" for m, v in median_speedups(rows).items()),
              "", "Tree auto over the fastest chain row of each prompt (median): {:.2f}x tokens/s, "
              "{:.2f}x tokens per target pass.".format(*tree_vs_chain(rows)),
-             "", "Quantized blocks over dense bf16 weights, same method (median over the code and prose prompts): "
-             + ", ".join(f"{m} {versus(rows, m, [m + ', dense'], fresh):.2f}x" for m in ("ar", "chain K=4", "tree auto")),
              "", f"Prose: tree auto {versus(rows, 'tree auto', ['ar'], ['prose']):.2f}x ar, "
              f"chain auto {versus(rows, 'chain auto', ['ar'], ['prose']):.2f}x ar.",
              "", f"Editing: tree auto (lookup on) {versus(rows, 'tree auto', ['ar'], edit):.2f}x ar and "
@@ -513,6 +601,12 @@ def summary(rows):
                   "", f"Editing: tree auto "
                   f"{versus(rows, 'tree auto', ['transformers prompt lookup'], edit):.2f}x "
                   "transformers' prompt lookup."]
+    if any(r["method"] == LLAMA for r in rows):
+        on = lambda m, prompts: f"{versus(rows, m, [LLAMA], prompts):.2f}x"
+        lines += ["", f"Against llama.cpp's plain decoding (same GGUF, threads and tokens; medians): ar {on('ar', code)} "
+                  f"on code, {on('ar', ['prose'])} on prose; tree auto (the default) {on('tree auto', code)} on code, "
+                  f"{on('tree auto', ['prose'])} on prose, {on('tree auto', edit)} on edits. llama.cpp's prompt "
+                  f"lookup: {on('llama.cpp prompt lookup', edit)} its plain decoding on edits."]
     return "\n".join(lines)
 
 
@@ -576,6 +670,9 @@ def main():
     p.add_argument("--target", default=weights.DEMO_TARGET)
     p.add_argument("--draft", default=weights.DEMO_DRAFT)
     p.add_argument("--vs-hf", action="store_true", help="add transformers' generate and assisted generation")
+    p.add_argument("--dense", action="store_true", help="add forwards and rows on dense bf16 weights")
+    p.add_argument("--vs-llamacpp", action="store_true", help="add llama.cpp's plain decoding (and prompt lookup "
+                                                               "on edits) on the same GGUF files: the bar")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     a = p.parse_args()
     if a.repeat < 1:
@@ -585,6 +682,11 @@ def main():
             import transformers  # noqa: F401
         except ImportError:
             p.error("--vs-hf needs transformers (pip install -r requirements-test.txt)")
+    if a.vs_llamacpp:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            p.error("--vs-llamacpp needs llama-cpp-python (pip install -r requirements-bench.txt)")
     machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     md = [f"# specdecode benchmark\n\nMeasured {date.today()} on {a.device} ({machine}), {a.dtype}.\n"]
     sampler_rows, impls, e2e_rows = [], [], []
@@ -596,7 +698,7 @@ def main():
                tree_sampler_table(impls, tree_rows), ""]
     if a.only in (None, "forward", "e2e"):
         say("forward passes ...")
-        md += ["## Forward passes\n", forward_table(bench_forward(a)), ""]
+        md += ["## Forward passes\n", forward_table(*bench_forward(a)), ""]
     if a.only in (None, "e2e"):
         say(f"end to end: {a.target} with draft {a.draft} ...")
         e2e_rows = bench_e2e(a)
