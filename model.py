@@ -147,9 +147,11 @@ def rope_frequencies(config: Config):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (x_i, x_{i+d/2}) by angle position * theta_i. x: [B, H, T, d]; cos/sin: [B, 1, T, d]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """Rotate pairs (x_i, x_{i+d/2}) by angle position * theta_i:
+        (x_i, x_{i+d/2}) -> (x_i cos - x_{i+d/2} sin,  x_{i+d/2} cos + x_i sin).
+    x: [B, H, T, d]; cos, sin: [B, 1, T, d], sin's first half negated (`setup_cache`), so the
+    rotation is x cos + roll(x, d/2) sin: three ops, not six."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 BLOCK = 64     # keys per partial sum of attention: each query sums its keys block by block, in position order
@@ -167,11 +169,10 @@ class Visible:
     valid: torch.Tensor
 
     @classmethod
-    def of(cls, mask, invariant=True):
-        """invariant False: every key in place (a draft's passes need not be batch-invariant)."""
+    def of(cls, mask):
         T, S = mask.shape
         seen = mask.sum(1, keepdim=True)
-        if not invariant or bool((mask == (torch.arange(S, device=mask.device) < seen)).all()):   # prefixes: in place
+        if bool((mask == (torch.arange(S, device=mask.device) < seen)).all()):   # prefixes: in place
             shared, rest = -(-S // BLOCK) * BLOCK, mask[:, :0]
         else:
             shared = int(mask.all(0).long().cumprod(0).sum()) // BLOCK * BLOCK     # the blocks all queries see
@@ -193,7 +194,7 @@ def attention(q, k, v, seen: Visible):
     more give a row the same bits; softmax's and SDPA's sums depend on the row's length).
     q (B, nh, T, hs); k, v (B, nkv, S, hs); the G = nh / nkv query heads of a key/value head
     are stacked as the rows of one matmul, so the cache is read once, not once per head."""
-    (B, H, T, d), dtype = q.shape, v.dtype
+    (B, H, T, d), dtype = q.shape, q.dtype
     BK, G, n, L = B * k.shape[1], H // k.shape[1], seen.shared, seen.tail.shape[1]
     g, f = max(G, MIN_ROWS), torch.promote_types(q.dtype, torch.float32)
     q = F.pad(q.reshape(BK, G, T, d).to(f) * d ** -0.5, (0, 0, 0, 0, 0, g - G))      # (B*nkv, g, T, hs)
@@ -221,12 +222,13 @@ class RMSNorm(nn.Module):
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        """x / sqrt(mean(x^2) + eps) in float32 (torch's fused kernel: one op, not six), rounded, times w."""
+        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype) * self.weight
 
 
 class KVCache:
-    """Keys and values of max_len slots for one layer, (B, nkv, max_len, hs) each."""
+    """Keys and values of max_len slots for one layer, (B, nkv, max_len, hs) each, kept in the
+    dtype attention computes in (float32 for a bf16 model: converted once, as written, not at every pass)."""
 
     def __init__(self, shape, device, dtype):
         self.k = torch.zeros(shape, device=device, dtype=dtype)
@@ -254,18 +256,21 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.norm_eps), RMSNorm(c.head_dim, c.norm_eps)
 
     def forward(self, x, cos, sin, cache, start, seen):
-        """seen None: the prompt's pass (causal, from slot 0), else the keys each query sees."""
+        """seen None: the prompt's pass (causal, from slot 0); a bool mask [T, S]: SDPA under it
+        (a model that need not be batch-invariant); Visible: the keys each query sees, summed in order."""
         B, T, _ = x.shape
         c = self.c
-        q, k, v = self.qkv_proj(x).view(B, T, -1, c.head_dim).split((c.n_heads, c.n_kv_heads, c.n_kv_heads), dim=2)
+        qkv = self.qkv_proj(x).view(B, T, -1, c.head_dim).transpose(1, 2)        # (B, nh + 2 nkv, T, hs)
+        qk, v = qkv.split((c.n_heads + c.n_kv_heads, c.n_kv_heads), dim=1)
         if c.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)   # (B, nh|nkv, T, hs)
-        k, v = cache.update(start, k, v.transpose(1, 2))                                        # (B, nkv, start+T, hs)
-        if seen is None:                             # the prompt: SDPA's flash kernel, fast for many queries
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            y = attention(q, k, v, seen)                                                          # (B, nh, T, hs)
+            qk = torch.cat((self.q_norm(qk[:, :c.n_heads]), self.k_norm(qk[:, c.n_heads:])), 1)
+        q, k = apply_rope(qk, cos, sin).split((c.n_heads, c.n_kv_heads), dim=1)   # (B, nh|nkv, T, hs): one rotation
+        k, v = cache.update(start, k, v)                                          # (B, nkv, start+T, hs)
+        if isinstance(seen, Visible):
+            y = attention(q, k, v, seen)                                          # (B, nh, T, hs)
+        else:                                        # SDPA's flash kernel: fast, its sums in its own order
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=seen, is_causal=seen is None,
+                                               enable_gqa=True).to(q.dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -310,7 +315,10 @@ def read_state(path, device, dtype):
     from safetensors import SafetensorError, safe_open
     path = Path(path)
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        raise ModelError(f"{index} is not a safetensors index (JSON with a weight_map): {type(e).__name__} {e}") from None
     state, blocks = {}, {}
     try:
         for f in files:
@@ -323,9 +331,11 @@ def read_state(path, device, dtype):
                         state[name] = st.get_tensor(name).to(device=device, dtype=dtype)
     except (OSError, SafetensorError, ValueError) as e:
         raise ModelError(f"cannot read weights in {path}: {e}") from None
-    bad = [m for m, b in blocks.items() if not ({"qweight", "scales", "d"} <= set(b) and len(b["qweight"]) % TILE == 0)]
+    need = lambda b: {"qweight", "scales", "d"} | ({"mins", "dmin"} if b["qweight"].dtype == torch.uint8 else set())
+    bad = [m for m, b in blocks.items() if "qweight" not in b or not (need(b) <= set(b) and len(b["qweight"]) % TILE == 0)]
     if bad:
-        raise ModelError(f"quantized weights in {path} lack a tensor or 16-row tiles: {bad[0]}")
+        raise ModelError(f"quantized weights in {path} lack a tensor (4-bit: qweight, scales, mins, d, dmin; "
+                         f"8-bit: qweight, scales, d) or 16-row tiles: {bad[0]}")
     return state, blocks
 
 
@@ -394,7 +404,8 @@ class Transformer(nn.Module):
         self.model = Decoder(c)
         self.lm_head = Linear(c.dim, c.vocab_size, bias=False)
         self.length = 0          # cache slots in use
-        self.batch_invariant = True   # False: tree passes read keys in place, faster, their sums in another order
+        self.head_rows = self.head = None   # restrict_head: the vocabulary the head computes, and its tiles
+        self.batch_invariant = True   # False: passes after the prompt's take SDPA too, faster, sums in its order
 
     @classmethod
     def from_dir(cls, path, config: Config, device="cpu", dtype=torch.bfloat16, quant="auto"):
@@ -455,11 +466,13 @@ class Transformer(nn.Module):
         if max_len > c.max_seq_len:
             raise ModelError(f"{max_len} tokens exceed the model's context of {c.max_seq_len}")
         shape = (batch_size, c.n_kv_heads, max_len, c.head_dim)
-        self.caches = [KVCache(shape, self.device, self.dtype) for _ in self.model.layers]
+        kv = torch.promote_types(self.dtype, torch.float32)                       # as attention reads it
+        self.caches = [KVCache(shape, self.device, kv) for _ in self.model.layers]
         angles = torch.outer(torch.arange(max_len, dtype=torch.float64), rope_frequencies(c))
         angles = torch.cat((angles, angles), dim=-1)
         self.rope_cos = angles.cos().to(device=self.device, dtype=self.dtype)
-        self.rope_sin = angles.sin().to(device=self.device, dtype=self.dtype)
+        self.rope_sin = (angles.sin() * torch.cat((-torch.ones(angles.shape[-1] // 2), torch.ones(angles.shape[-1] // 2)))
+                         ).to(device=self.device, dtype=self.dtype)                 # signed for apply_rope's roll
         self.max_len, self.length = max_len, 0
 
     @torch.no_grad()
@@ -476,14 +489,37 @@ class Transformer(nn.Module):
             raise ModelError(f"cache full: {start} + {T} tokens > {self.max_len} slots")
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        seen = None if start == 0 and attn_mask is None else Visible.of(self.full_mask(attn_mask, start, T),
-                                                                        self.batch_invariant)
+        if start == 0 and attn_mask is None:
+            seen = None                                                  # the prompt: causal
+        elif self.batch_invariant:
+            seen = Visible.of(self.full_mask(attn_mask, start, T))
+        else:
+            seen = self.full_mask(attn_mask, start, T)
         cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         x = self.model.embed_tokens(tokens)
         for layer, cache in zip(self.model.layers, self.caches):
             x = layer(x, cos, sin, cache, start, seen)
         self.length = start + T
-        return self.lm_head(self.model.norm(x[:, -last:] if last else x)).float()   # the head only where it is read
+        x = self.model.norm(x[:, -last:] if last else x)                 # the head only where it is read
+        if self.head_rows is None:
+            return self.lm_head(x).float()
+        out = x.new_full((*x.shape[:2], self.config.vocab_size), float("-inf"), dtype=torch.float32)
+        return out.index_copy_(-1, self.head_rows, self.head(x).float())
+
+    def restrict_head(self, tokens):
+        """Compute the logits of `tokens` (and the rest of their 16-row tiles) only; the others
+        come out -inf, so they get probability 0 and are never drawn. A draft's head is a fifth
+        of its bytes (Qwen2.5-0.5B: 151,936 x 896); FR-Spec (Zhao et al., "FR-Spec: Accelerating
+        Large-Vocabulary Language Models via Frequency-Ranked Speculative Sampling") drafts over
+        the most frequent 32K tokens with little loss of acceptance. Blocks heads only (their
+        tiles are sliced as they lie); None, or tokens that cover every tile, restores the head."""
+        self.head_rows = self.head = None
+        if tokens is None or not isinstance(self.lm_head, QLinear) or len(self.lm_head.parts) > 1:
+            return
+        tiles = torch.unique(torch.as_tensor(tokens, dtype=torch.long) // TILE)
+        if len(tiles) < self.lm_head.out_features // TILE:
+            self.head = self.lm_head.tiles(tiles)
+            self.head_rows = (tiles[:, None] * TILE + torch.arange(TILE)).flatten().to(self.device)
 
     def full_mask(self, attn_mask, start, T):
         """[T, start + T]: the new tokens' mask (causal by default) after the cached slots."""
@@ -638,6 +674,17 @@ class QLinear(nn.Module):
         self.in_features, self.out_features = inputs(parts[0]["qweight"]), sum(self.sizes)
         self.parts = [tile(b) for b in parts]
         self.biases = bias.float().split(self.sizes) if bias is not None else [None] * len(parts)
+
+    def tiles(self, idx):
+        """The linear of outputs idx * TILE .. + TILE - 1 (a LongTensor of tiles), one part."""
+        (q, scales, mins, d, dmin, narrow), = self.parts
+        out = QLinear.__new__(QLinear)
+        nn.Module.__init__(out)
+        pick = lambda a: a.index_select(0, idx) if a.numel() else a
+        out.parts = [(pick(q), pick(scales), pick(mins), pick(d), pick(dmin), narrow)]
+        out.biases = [None if self.biases[0] is None else self.biases[0].view(-1, TILE).index_select(0, idx).flatten()]
+        out.sizes, out.in_features, out.out_features = [len(idx) * TILE], self.in_features, len(idx) * TILE
+        return out
 
     def forward(self, x):
         shape, x = x.shape[:-1], x.reshape(-1, x.shape[-1]).contiguous()

@@ -24,11 +24,14 @@ first step is the target's pass over the prompt, the same in every mode.
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+if __name__ == "__main__":                 # Ctrl-C while torch loads (seconds): the same quiet end as later
+    signal.signal(signal.SIGINT, lambda *_: (print("\nspecdecode: interrupted", file=sys.stderr), os._exit(130)))
 import torch
 
 import policy
@@ -42,6 +45,11 @@ DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime,
 
 class SpecError(SpecdecodeError):
     """Bad options or input, said in one line."""
+
+
+DRAFT_VOCAB = 32768        # FR-Spec's and EAGLE-3's draft vocabulary; Qwen's BPE ids follow merge order, so its
+                           # lowest ids are its commonest merges (a guess for other tokenizers; measured in bench)
+MIN_TEMPERATURE = 1e-6     # derived: logits of |x| <= 1e3 over it stay far inside float32 (3.4e38), so no NaN
 
 
 def whole(x):
@@ -63,6 +71,9 @@ class Settings:
         """Refuse what would sample nonsense, for the command line and the Python API alike."""
         if not finite(self.temperature) or self.temperature < 0:
             raise SpecError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise SpecError(f"temperature {self.temperature!r} is too small to sample with in float32 (logits / T "
+                            f"overflow): use 0 for greedy, or at least {MIN_TEMPERATURE}")
         if not whole(self.top_k) or self.top_k < 0:
             raise SpecError(f"top-k must be a whole number >= 0 (0 = off), got {self.top_k!r}")
         if not finite(self.top_p) or not 0 < self.top_p <= 1:
@@ -171,7 +182,8 @@ def chain_step(target, draft, run, opts):
     if not plan.drafts:
         return ar_step(target, draft, run, opts)
     drafts, qs, qx = [], [], []             # qs: the draft's distributions; qx: q of each draft token
-    while plan.more(qx):                 # draft: one token at a time, each drawn by its position's race
+    room = max(1, opts.max_new_tokens - (start - run.stats.prompt_tokens) - 1)   # more would never be emitted
+    while len(drafts) < room and plan.more(qx):   # draft: one token at a time, each drawn by its position's race
         logits = feed(draft, tokens + drafts)[0, -1, :run.vocab]
         q = opts.settings.probs(logits)
         e = run.races.at(start + len(drafts))[0] if opts.verify == "coupled" else \
@@ -235,9 +247,10 @@ class Options:
 
     @property
     def headroom(self):
-        """Cache slots one step may add beyond the output: its widest pass."""
-        return {"ar": 1, "chain": (policy.K_MAX if self.k == "auto" else self.k) + 1,
-                "tree": self.budget.max_total_nodes + 1}[self.mode]
+        """Cache slots one step may add beyond the output: its widest pass (a chain never drafts
+        more than the tokens still to come)."""
+        k = min(policy.K_MAX if self.k == "auto" else self.k, self.max_new_tokens)
+        return {"ar": 1, "chain": k + 1, "tree": self.budget.max_total_nodes + 1}[self.mode]
 
     def check(self):
         """Refuse options that make no sense, before any model loads; one line each."""
@@ -253,6 +266,8 @@ class Options:
             if value not in allowed:
                 raise SpecError(f"{name} must be {' or '.join(map(repr, allowed))}, got {value!r}")
         b = self.budget
+        if not isinstance(b, tree.Budget):
+            raise SpecError(f"budget must be a tree.Budget, got {b!r}")
         for name in ("max_depth", "max_nodes_per_level", "max_total_nodes", "branch"):
             if not whole(getattr(b, name)) or getattr(b, name) < 1:
                 raise SpecError(f"{name.replace('_', '-')} must be a whole number >= 1, got {getattr(b, name)!r}")
@@ -315,12 +330,22 @@ def start(prompt_ids, target, draft, opts: Options):
         raise SpecError("the prompt is empty")
     if opts.mode != "ar" and draft is None:
         raise SpecError(f"--mode {opts.mode} needs a draft model")
-    need, context = len(prompt_ids) + opts.max_new_tokens + opts.headroom, model.config.max_seq_len
+    vocab = max(tok.vocab().values()) + 1
+    if not all(whole(i) and 0 <= i < min(vocab, model.config.vocab_size) for i in prompt_ids):
+        raise SpecError(f"the prompt's token ids must be whole numbers in [0, {vocab}), got "
+                        f"{next(i for i in prompt_ids if not (whole(i) and 0 <= i < vocab))!r}")
+    need, context = len(prompt_ids) + opts.max_new_tokens, model.config.max_seq_len
     if draft is not None:
         context = min(context, draft[0].config.max_seq_len)
-    if need > context:
+    if need + 1 > context:
         raise SpecError(f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {opts.max_new_tokens} "
                         f"exceed the model's context of {context} tokens")
+    if need + opts.headroom > context:
+        widest = {"chain": f"--k {opts.k}", "tree": f"--max-total-nodes {opts.budget.max_total_nodes}"}[opts.mode]
+        raise SpecError(f"{widest}: a step's widest pass ({opts.headroom} tokens) does not fit the model's context "
+                        f"of {context} after the prompt ({len(prompt_ids)} tokens) and --max-new-tokens "
+                        f"{opts.max_new_tokens}")
+    need += opts.headroom
     if opts.auto:
         chooser = policy.Auto(policy.costs(model, "target"), policy.costs(draft[0], "draft"))
     else:
@@ -328,7 +353,8 @@ def start(prompt_ids, target, draft, opts: Options):
     for m in (model, draft and draft[0]):
         if m is not None:
             m.setup_cache(need)
-    vocab = max(tok.vocab().values()) + 1
+    if draft is not None:                   # the draft proposes from its commonest tokens, the prompt's, and the stops
+        draft[0].restrict_head([*range(DRAFT_VOCAB), *prompt_ids, *tok.stop_ids])
     return Run(list(prompt_ids), vocab, model.device,
                torch.Generator(device=model.device).manual_seed(opts.settings.seed),
                sampler.Races(opts.settings.seed, vocab, model.device, one_hot=opts.greedy), chooser,
@@ -410,6 +436,9 @@ class Stream:
         self.done = len(text)
 
 
+PICTURES = (".png", ".svg", ".pdf")        # what --viz writes (matplotlib's formats by name)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise SpecError(message)
@@ -465,8 +494,14 @@ def parse_args(argv):
     if (a.viz or a.viz_dir) and a.mode != "tree":
         raise SpecError("--viz and --viz-dir draw token trees: use them with --mode tree")
     check_device(a.device)
-    if a.viz and not os.access(Path(a.viz).expanduser().resolve().parent, os.W_OK):   # said now, not after the run
-        raise SpecError(f"--viz {a.viz}: its folder does not exist or cannot be written")
+    if a.viz:
+        viz = Path(a.viz).expanduser()
+        if viz.is_dir():
+            raise SpecError(f"--viz {a.viz} is a folder: give a file name (e.g. tree.png), or use --viz-dir")
+        if viz.suffix.lower() not in PICTURES:
+            raise SpecError(f"--viz {a.viz}: the picture's name must end in {', '.join(PICTURES)}")
+        if not os.access(viz.resolve().parent, os.W_OK):               # said now, not after the run
+            raise SpecError(f"--viz {a.viz}: its folder does not exist or cannot be written")
     if a.viz_dir:
         try:
             Path(a.viz_dir).expanduser().mkdir(parents=True, exist_ok=True)
@@ -512,6 +547,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on KeyboardInterrupt, caught below
     try:
         main()
     except SpecdecodeError as e:

@@ -134,7 +134,12 @@ def test_packed_linears_match_plain_ones(tmp_path, dtype, monkeypatch):
     the same bits in bf16, the same up to summation order in float32."""
     folder = tiny_model(tmp_path, "qwen2")
     packed = load(folder, dtype)
-    assert all(m.packed is not None for m in packed.modules() if isinstance(m, model.Linear))
+    try:                                  # oneDNN packs bf16 only on CPUs with AVX512BW or AVX-NE-CONVERT
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+        packs = True
+    except RuntimeError:
+        packs = False
+    assert all((m.packed is not None) == packs for m in packed.modules() if isinstance(m, model.Linear))
     monkeypatch.setattr(model.Transformer, "prepare", lambda self: None)
     plain = load(folder, dtype)
     ids = torch.randint(0, 32, (1, 12), generator=torch.Generator().manual_seed(0))
@@ -160,25 +165,40 @@ def random_blocks(kind, N, K, g):
                 scales=torch.randint(-128, 128, (N, K // Gs), generator=g, dtype=torch.int8), d=d())
 
 
-@pytest.fixture(scope="module", params=["avx512", "portable"])
+KERNEL_FLAGS = {"avx2": ["-DQMATMUL_AVX2"], "portable": ["-DQMATMUL_PORTABLE"]}
+
+
+@pytest.fixture(scope="module", params=["native", "avx2", "portable"])
 def qmatmul_kernel(request):
-    """qmatmul.cpp as model.py builds it (its AVX512-BF16 path on these CPUs), and its plain C++
-    path, built here on purpose (CPUs without AVX512-BF16 take it)."""
-    if request.param == "avx512":
-        ext = model.qmatmul()
-        assert ext is not None, "qmatmul.cpp did not build"
-        return ext
+    """qmatmul.cpp as model.py builds it (AVX512-BF16 or AVX2, by the CPU), and its other paths
+    built here on purpose: AVX2's int8 activations where the native build took AVX512 (every
+    CPU here has AVX2), and the plain C++ that CPUs with neither take."""
+    ext = model.qmatmul()
+    assert ext is not None, "qmatmul.cpp did not build"
+    if request.param == "native" or request.param == "avx2" and ext.activations == "int8":
+        return ext                                   # (on an AVX2-only CPU "avx2" is the native build)
     from torch.utils.cpp_extension import load as build
-    return build(name="specdecode_qmatmul_portable", sources=[str(HERE / "qmatmul.cpp")],
-                 extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-DQMATMUL_PORTABLE"])
+    return build(name=f"specdecode_qmatmul_{request.param}", sources=[str(HERE / "qmatmul.cpp")],
+                 extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", *KERNEL_FLAGS[request.param]])
+
+
+def quantize_activations(x):
+    """qmatmul.cpp's int8 activations, made as it makes them (float32, rounding ties to even):
+    per row and 32 inputs, dx = max|x| / 127 and x ~ dx round(x / dx); in float64. (torch's
+    float32 division is not correctly rounded: the two divisions go through float64.)"""
+    g = x.float().view(len(x), -1, 32)
+    amax = g.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, (127 / amax.double()).float(), torch.zeros_like(amax))
+    return (torch.round(g * scale).double() * (amax.double() / 127).float().double()).view(x.shape)
 
 
 @pytest.mark.parametrize("kind", ["Q4_K", "Q4_1", "Q6_K", "Q8_0"])
 def test_qmatmul_is_the_exact_weights_matmul_and_a_row_alone(kind, qmatmul_kernel, monkeypatch):
     """QLinear (qmatmul.cpp) against float64 x @ W^T + b with W = dequantize(blocks), the GGUF's
-    exact weights: within y's bf16 rounding (half an ulp, at most 2^-8 relative) plus float32 sums
-    (1e-4 of the largest |y|). And a row gets the same bits in calls of 1 to 20 rows (1 row,
-    several tiles at once for few rows, chunks of 8 rows): batch invariance without padding."""
+    exact weights, and x as the kernel takes it (bf16, or its int8 activations): within y's bf16
+    rounding (half an ulp, at most 2^-8 relative) plus float32 sums (1e-4 of the largest |y|).
+    And a row gets the same bits in calls of 1 to 20 rows (1 row, several tiles at once for few
+    rows, chunks of rows): batch invariance without padding."""
     monkeypatch.setattr(model, "qmatmul", lambda: qmatmul_kernel)
     g = torch.Generator().manual_seed(0)
     N, K = 96, 512
@@ -187,7 +207,8 @@ def test_qmatmul_is_the_exact_weights_matmul_and_a_row_alone(kind, qmatmul_kerne
     lin = model.QLinear([b], bias)
     x = torch.randn(20, K, generator=g).bfloat16()
     y = lin(x)
-    ref = x.double() @ model.dequantize(b).double().T + bias.double()
+    xr = quantize_activations(x) if qmatmul_kernel.activations == "int8" else x.double()
+    ref = xr @ model.dequantize(b).double().T + bias.double()
     assert ((y.double() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-4 * ref.abs().max()).all()
     for rows in range(1, 21):
         assert torch.equal(lin(x[:rows]), y[:rows]), rows
@@ -322,10 +343,38 @@ def test_int4_draft_keeps_greedy_exact(tmp_path):
     assert run(target, draft, [3, 7], "tree", max_new_tokens=30)[0] == want
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_draft_over_a_smaller_vocabulary_never_proposes_outside_it_and_keeps_the_output(tmp_path, monkeypatch,
+                                                                                         temperature):
+    """FR-Spec's reduced draft head (model.restrict_head, specdecode.DRAFT_VOCAB): the draft's
+    logits outside its vocabulary are -inf, so no such token is ever proposed, and verification,
+    using the q the draft produced, keeps ar's output, greedy and coupled."""
+    target = load(tiny_model(tmp_path / "t", vocab=64, seed=1, scale=2.0), torch.float32)
+    folder = tiny_model(tmp_path / "d", vocab=64, seed=1, layers=1, scale=2.0, hidden_size=64, intermediate_size=128)
+    draft = load(folder, torch.bfloat16, "int4")
+    monkeypatch.setattr(sd, "DRAFT_VOCAB", 16)        # tile 0; the prompt's tokens bring their tiles (16 rows each)
+    prompt, proposed = [3, 40, 7], set()
+    allowed = set(range(16)) | set(range(32, 48))
+    want, _ = run(target, None, prompt, "ar", vocab=64, max_new_tokens=40, temperature=temperature, seed=5)
+    for mode in ("chain", "tree"):
+        out, stats = run(target, draft, prompt, mode, vocab=64, max_new_tokens=40, temperature=temperature, seed=5,
+                         on_tree=lambda t, path, new: proposed.update(x for x, src in zip(t.tokens, t.sources)
+                                                                      if src == "draft"))   # (lookup: no q)
+        assert out == want and stats.drafted > 0, mode
+    assert proposed and proposed <= allowed
+    assert set(draft.head_rows.tolist()) == allowed
+    draft.setup_cache(8)
+    logits = draft(torch.tensor([[3]]))[0, -1]
+    assert torch.isinf(logits[[i for i in range(64) if i not in allowed]]).all() and logits[sorted(allowed)].isfinite().all()
+    draft.restrict_head(None)
+    assert draft.head_rows is None
+
+
 def test_draft_equal_to_target_accepts_everything(tmp_path):
     folder = tiny_model(tmp_path, vocab=16, scale=2.0)
     out, stats = run(load(folder), load(folder), [1, 2], "chain", k=4, max_new_tokens=40)
-    assert stats.acceptance == 1.0 and stats.ks == [4] * 8 and stats.target_passes == 1 + 8   # the prompt's, then 5 a pass
+    assert stats.acceptance == 1.0 and stats.ks == [4] * 7 + [3] and stats.target_passes == 1 + 8   # the prompt's,
+    # then 5 a pass; the last step drafts only the 3 tokens that can still be emitted before its own
 
 
 @pytest.mark.parametrize("temperature, top_p", [(0.8, 1.0), (1.0, 0.9)])
@@ -527,6 +576,32 @@ def test_costs_interpolate_the_table_measured_once(pair):
     measured = policy.costs(target, "target")
     assert policy.costs(target, "target") is measured and measured.widths == policy.WIDTHS
     assert list(measured.times) == sorted(measured.times)
+    measured.seen.clear()
+    target.setup_cache(40)
+    target(torch.tensor([[1, 2, 3]]))                  # the prompt's pass: not a step's, not observed
+    assert not measured.seen
+    target(torch.tensor([[4, 5]]))                     # a later pass is observed, at width 2
+    assert list(measured.seen) == [1] and len(measured.seen[1]) == 1
+
+
+def test_a_table_timed_in_a_burst_is_refit_by_the_passes_and_drafting_returns():
+    """The target's table as once timed on a loaded machine (its passes 3-7x their quiet cost,
+    measured here) makes drafted steps of 2 tokens lose to plain steps; the passes that later
+    steps make, timed at their quiet cost, refit the table, the same steps are priced anew, and
+    the plan drafts again."""
+    quiet = policy.Costs(policy.WIDTHS, (0.056, 0.060, 0.067, 0.098, 0.175, 0.328))
+    skewed = policy.Costs(policy.WIDTHS, (0.168, 0.425, 0.448, 0.448, 0.552, 1.699))
+    draft = policy.Costs(policy.WIDTHS, (0.014, 0.015, 0.017, 0.025, 0.040, 0.066))
+    p, q = policy.Auto(skewed, draft), policy.Auto(quiet, draft)
+    for _ in range(policy.RECENT):
+        for plan in (p, q):
+            plan.observe(step_of(2, levels=2, nodes=2))   # two draft passes, a target pass over 3 tokens
+    assert not p.plan().drafts and q.plan().drafts
+    for _ in range(3):                                 # plain steps' passes, and the drafted steps' (3 wide)
+        skewed.observe(1, quiet.seconds(1))
+        skewed.observe(3, quiet.seconds(3))
+    assert skewed.seconds(1) == pytest.approx(quiet.seconds(1)) and skewed.seconds(3) == pytest.approx(quiet.seconds(3))
+    assert p.plan().drafts
 
 
 def test_padding_rows_are_never_proposed(tmp_path):
@@ -947,8 +1022,21 @@ def test_bad_model_folders(tmp_path):
     save_file({**load_file(str(stray / "model.safetensors")),              # blocks for a linear no model has
                "model.layers.0.mlp.nowhere.qweight": torch.zeros(16, 16, dtype=torch.uint8),
                "model.layers.0.mlp.nowhere.scales": torch.ones(16, 1, dtype=torch.uint8),
-               "model.layers.0.mlp.nowhere.d": torch.ones(16, 1, dtype=torch.float16)}, str(stray / "model.safetensors"))
+               "model.layers.0.mlp.nowhere.mins": torch.ones(16, 1, dtype=torch.uint8),
+               "model.layers.0.mlp.nowhere.d": torch.ones(16, 1, dtype=torch.float16),
+               "model.layers.0.mlp.nowhere.dmin": torch.ones(16, 1, dtype=torch.float16)}, str(stray / "model.safetensors"))
     save_file({"lm_head.qweight": torch.zeros(8, 16, dtype=torch.uint8)}, str(partial / "model.safetensors"))
+    four_bit = {"qweight": torch.zeros(16, 16, dtype=torch.uint8), "scales": torch.ones(16, 1, dtype=torch.uint8),
+                "mins": torch.ones(16, 1, dtype=torch.uint8), "d": torch.ones(16, 1, dtype=torch.float16),
+                "dmin": torch.ones(16, 1, dtype=torch.float16)}
+    for lacking in ("mins", "dmin"):                   # a 4-bit linear without its m term would run, and be wrong
+        folder = tiny_model(tmp_path / f"no-{lacking}", vocab=8)
+        save_file({**load_file(str(folder / "model.safetensors")),
+                   **{f"model.layers.0.mlp.down_proj.{k}": v for k, v in four_bit.items() if k != lacking}},
+                  str(folder / "model.safetensors"))
+    for name, index in (("index-not-json", "{"), ("index-no-map", "{}")):
+        folder = tiny_model(tmp_path / name, vocab=8)
+        (folder / "model.safetensors.index.json").write_text(index)
     bad_configs = {"list": [], "no-heads": {"num_attention_heads": None}, "sizes": {"intermediate_size": 48}}
     for name, change in bad_configs.items():
         folder = tiny_model(tmp_path / name, vocab=8)
@@ -959,7 +1047,9 @@ def test_bad_model_folders(tmp_path):
                          (unsupported, "unsupported architecture"), (truncated, "cannot read weights"),
                          (tmp_path / "list", "not a JSON object"), (tmp_path / "no-heads", "num_attention_heads"),
                          (tmp_path / "sizes", "do not fit its config.json"), (corrupt, "tokenizer.json"),
-                         (stray, "does not have"), (partial, "lack a tensor or 16-row tiles")):
+                         (stray, "does not have"), (partial, "lack a tensor"), (tmp_path / "no-mins", "lack a tensor"),
+                         (tmp_path / "no-dmin", "lack a tensor"), (tmp_path / "index-not-json", "safetensors index"),
+                         (tmp_path / "index-no-map", "safetensors index")):
         code, out, err = cli("--mode", "ar", "--target", str(folder), "--prompt", "hi")
         assert_one_line_error(code, err, word)
 
@@ -973,7 +1063,11 @@ def test_bad_flags_and_prompts(tmp_path):
                        (["--device", "xyz"], "device"), (["--seed", "99999999999999999999999"], "seed"),
                        (["--max-time", "nan"], "max-time"), (["--top-p", "0"], "top-p"),
                        (["--viz", "/no/such/folder/t.png"], "--viz"), (["--viz-dir", str(a_file)], "--viz-dir"),
-                       (["--viz-dir", "/proc/no/such"], "--viz-dir"), (["--quant", "int3"], "invalid choice")):
+                       (["--viz-dir", "/proc/no/such"], "--viz-dir"), (["--quant", "int3"], "invalid choice"),
+                       (["--viz", str(tmp_path)], "is a folder"), (["--viz", str(tmp_path / "t")], "must end in"),
+                       (["--temperature", "1e-300"], "too small"),
+                       (["--mode", "tree", "--tree", "fixed", "--max-total-nodes", "100000"], "--max-total-nodes"),
+                       (["--mode", "chain", "--k", "20000", "--max-new-tokens", "20000"], "--k")):
         code, out, err = cli(*args)
         assert_one_line_error(code, err, word)
     code, out, err = cli("--prompt", "-", "--mode", "ar", stdin="")
@@ -988,7 +1082,7 @@ def test_bad_flags_and_prompts(tmp_path):
                                  dict(max_new_tokens=-5), dict(mode="beam"), dict(seed=2 ** 70), dict(k=0),
                                  dict(budget=tree.Budget(branch=17)), dict(budget=tree.Budget(max_time=float("nan"))),
                                  dict(tree_size="huge"), dict(device="xyz"), dict(quant="int3"), dict(nonsense=1),
-                                 dict(verify="maybe")])
+                                 dict(verify="maybe"), dict(budget="big"), dict(temperature=1e-300)])
 def test_python_api_refuses_bad_options_before_loading(bad, monkeypatch):
     """The API checks what the command line checks, before any model loads."""
     monkeypatch.setattr(sd, "load_pair", lambda *a, **k: pytest.fail("loaded a model before refusing the options"))
@@ -996,6 +1090,20 @@ def test_python_api_refuses_bad_options_before_loading(bad, monkeypatch):
         sd.speculative_decode("hi", **bad)
     with pytest.raises(sd.SpecdecodeError, match="UTF-8"):
         sd.speculative_decode("abc\udcff")
+
+
+@pytest.mark.parametrize("mode", ["ar", "chain", "tree"])
+def test_generate_refuses_token_ids_outside_the_vocabulary(pair, mode):
+    """The Python API's generate() takes token ids: one outside the tokenizer's vocabulary is a
+    SpecError, not an IndexError from the embedding."""
+    for bad in (16 + 5, 10 ** 9, -1, 2.5):
+        with pytest.raises(sd.SpecError, match="token ids"):
+            run(pair[0], pair[1], [2, bad], mode)
+
+
+def test_a_chain_drafts_no_more_than_the_tokens_still_to_come(pair):
+    out, stats = run(pair[0], pair[1], [2, 9], "chain", k=1000, max_new_tokens=4)
+    assert len(out) == 4 and stats.drafted <= 3 * stats.target_passes
 
 
 def test_one_exception_class_to_catch():
@@ -1052,7 +1160,7 @@ def test_unwritable_cache_and_a_flipped_byte(tmp_path, monkeypatch):
     before every conversion, so a flipped byte is fetched again, never converted."""
     code, out, err = cli("--mode", "ar", "--target", "SmolLM2-135M-Instruct", "--prompt", "hi",
                          env={**os.environ, "SPECDECODE_HOME": "/proc/specdecode"})
-    assert_one_line_error(code, err, "cannot write the demo cache")
+    assert_one_line_error(code, err, "cannot write the cache")
     name = "SmolLM2-135M-Instruct"
     verified = REAL_HOME / "gguf" / f"{name}.gguf"
     if not verified.is_file():
@@ -1076,6 +1184,41 @@ def verified_gguf(name, home):
         source = weights.fetch_gguf(name)
     (home / "gguf").mkdir(parents=True, exist_ok=True)
     shutil.copy(source, home / "gguf")
+
+
+def test_a_gguf_file_is_a_model_and_bad_ones_are_refused(tmp_path, monkeypatch):
+    """A .gguf path as --target (a llama.cpp user's file): converted once into the cache under
+    a name from its content, and the same model as the demo name's; a truncated file and one
+    of another architecture are one line and exit 2."""
+    import gguf as gguf_package
+    name = "SmolLM2-135M-Instruct"
+    verified_gguf(name, tmp_path / "home")
+    mine = tmp_path / "models" / "smol.gguf"
+    mine.parent.mkdir()
+    shutil.move(tmp_path / "home" / "gguf" / f"{name}.gguf", mine)
+    monkeypatch.setenv("SPECDECODE_HOME", str(tmp_path / "home"))
+    by_path = weights.resolve(str(mine))
+    assert by_path.parent == tmp_path / "home" and by_path.name.startswith("smol-") and weights.converted(by_path)
+    assert weights.resolve(str(mine)) == by_path                     # once: found, not converted again
+    ids = [1, 504, 3, 77]
+    a = weights.load(str(mine))[0]
+    monkeypatch.setenv("SPECDECODE_HOME", str(REAL_HOME))
+    b = weights.load(name)[0]
+    for m in (a, b):
+        m.setup_cache(8)
+    assert torch.equal(a(torch.tensor([ids])), b(torch.tensor([ids])))
+    truncated = tmp_path / "models" / "truncated.gguf"
+    truncated.write_bytes(mine.read_bytes()[:5_000_000])
+    other = tmp_path / "models" / "gpt2.gguf"
+    w = gguf_package.GGUFWriter(str(other), "gpt2")
+    w.add_tensor("token_embd.weight", torch.zeros(16, 8).numpy())
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    env = {**os.environ, "SPECDECODE_HOME": str(tmp_path / "home")}
+    for path, word in ((truncated, "not a readable GGUF"), (other, "unsupported GGUF architecture 'gpt2'"),
+                       (tmp_path / "models" / "none.gguf", "no such .gguf")):
+        code, out, err = cli("--mode", "ar", "--target", str(path), "--prompt", "hi", env=env)
+        assert_one_line_error(code, err, word)
+    assert not [p for p in (tmp_path / "home").iterdir() if p.name.startswith(("truncated", "gpt2"))]
 
 
 def test_a_cache_from_an_earlier_version_is_converted_again(tmp_path, monkeypatch):
@@ -1208,9 +1351,10 @@ BF16_PROMPTS = ("Write a C function that parses an IPv4 address string into four
 
 @pytest.mark.parametrize("prompt", BF16_PROMPTS)
 def test_demo_pair_in_bfloat16_every_mode_emits_ar_s_tokens(prompt):
-    """Batch invariance on the real pair, as users run it (bf16, int4 draft): greedy, and
-    coupled sampling at T = 0.8 with one seed, give ar's 40 tokens in every mode, while
-    drafts are accepted and verified in passes of several widths. Compared with this run's
+    """Batch invariance on the real pair, as users run it (bf16, its own blocks): greedy, and
+    coupled sampling at T = 0.8 with one seed, give ar's 40 tokens in every mode, while the
+    plans that must draft (fixed K, fixed trees) are accepted and verified in passes of
+    several widths. Compared with this run's
     own ar (bf16 rounding differs between CPUs, so no model text is asserted)."""
     target, draft = sd.load_pair(weights.DEMO_TARGET, weights.DEMO_DRAFT)
     ids, widths = demo_ids(target[1], prompt), set()
@@ -1225,7 +1369,8 @@ def test_demo_pair_in_bfloat16_every_mode_emits_ar_s_tokens(prompt):
             out, stats = sd.generate(ids, target, draft, opts(on_tree=lambda t, path, new: widths.add(len(t.tokens)),
                                                               **kw))
             assert out == want, (temperature, kw)
-            assert stats.accepted > 0 or temperature > 0, kw
+            forced = not sd.Options(**kw).auto            # an auto plan may not draft on a busy machine
+            assert stats.accepted > 0 or temperature > 0 or not forced, kw
             widths.update(stats.ks if kw["mode"] == "chain" else ())
     assert len(widths) >= 3
 

@@ -92,7 +92,7 @@ WHEEL_SHA256 = {
 
 
 def home() -> Path:
-    return Path(os.environ.get("SPECDECODE_HOME", Path.home() / ".cache" / "specdecode"))
+    return Path(os.environ.get("SPECDECODE_HOME") or Path.home() / ".cache" / "specdecode")   # set but empty: unset
 
 
 def say(msg):
@@ -102,15 +102,21 @@ def say(msg):
 # ---------------------------------------------------------------------------- loading
 
 def resolve(name_or_path, dense=False) -> Path:
-    """A folder as given, or a demo name (case-insensitive) fetched and converted once: its
-    quantized blocks, or with dense a bfloat16 folder (what transformers can load)."""
+    """A folder as given, a .gguf file or a demo name (case-insensitive) converted once (a demo
+    fetched first): its quantized blocks, or with dense a bfloat16 folder (what transformers can load)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise WeightsError(f"no such .gguf file: {name_or_path}")
+        digest = sha256(path)                        # the cache's name is the content's, not the path's
+        return ensure_converted(home() / f"{path.stem}-{digest[:16]}{'-bf16' if dense else ''}", lambda: path, dense)
     demo = {k.lower(): k for k in DEMO}.get(str(name_or_path).lower())
     if demo is None:
-        raise WeightsError(f"no folder '{name_or_path}', and not a demo model (demo models: {', '.join(DEMO)})")
-    return ensure_demo(demo, dense)
+        raise WeightsError(f"no folder or .gguf file '{name_or_path}', and not a demo model "
+                           f"(demo models: {', '.join(DEMO)})")
+    return ensure_converted(home() / (f"{demo}-bf16" if dense else demo), lambda: fetch_gguf(demo), dense)
 
 
 def load(name_or_path, device="cpu", dtype=torch.bfloat16, quant="auto"):
@@ -206,18 +212,18 @@ def cache_lock():
         yield
 
 
-def ensure_demo(name, dense=False) -> Path:
-    """The converted folder for a demo model, fetching and converting it the first time (a
-    folder an earlier version wrote is converted again)."""
-    out = home() / (f"{name}-bf16" if dense else name)
+def ensure_converted(out, gguf_file, dense=False) -> Path:
+    """The folder `out`, converted from the .gguf that gguf_file() gives (a demo's: fetched then)
+    the first time; a folder an earlier version wrote is converted again."""
+    from safetensors import SafetensorError
     if converted(out):
         return out
     try:
         with cache_lock():
             if not converted(out):
-                convert_gguf(fetch_gguf(name), out, dense)
-    except OSError as e:
-        raise WeightsError(f"cannot write the demo cache {home()}: {e.strerror or e} "
+                convert_gguf(gguf_file(), out, dense)
+    except (OSError, SafetensorError) as e:          # safetensors says "No space left on device" its own way
+        raise WeightsError(f"cannot write the cache {home()}: {getattr(e, 'strerror', None) or e} "
                            f"(set SPECDECODE_HOME to a folder that can be written)") from None
     return out
 
@@ -363,17 +369,35 @@ def gguf_blocks(data, kind, rows):
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
 
 
+def known_tensor(name):
+    part = name.rsplit(".", 1)[0]
+    return part in ("token_embd", "output_norm", "output") or \
+        part.startswith("blk.") and part.count(".") == 2 and part.split(".", 2)[2] in GGUF_TO_HF
+
+
 def convert_gguf(gguf_path, out: Path, dense=False):
     """A GGUF file -> a HuggingFace folder, atomically: 2-D tensors of the BLOCK_BYTES types as
     their blocks (model.QLinear's tensors), the rest dequantised to bfloat16; dense: all of it."""
     import gguf
     from safetensors.torch import save_file
     say(f"converting {gguf_path.name} to {out} (once)")
-    reader = gguf.GGUFReader(str(gguf_path))
+    try:
+        reader = gguf.GGUFReader(str(gguf_path))
+    except Exception as e:                 # a truncated or foreign file fails in struct, numpy or gguf's own checks
+        raise WeightsError(f"{gguf_path} is not a readable GGUF file: {type(e).__name__} {e}") from None
     field = lambda k, default=None: reader.fields[k].contents() if k in reader.fields else default
     arch = field("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise WeightsError(f"unsupported GGUF architecture '{arch}' (supported: {', '.join(GGUF_ARCHITECTURES)})")
+    short = [t.name for t in reader.tensors if t.data.nbytes != t.n_bytes]
+    if short:
+        raise WeightsError(f"{gguf_path} is not a readable GGUF file: it ends inside tensor {short[0]} (truncated?)")
+    unknown = [t.name for t in reader.tensors if not known_tensor(t.name)]
+    if unknown:
+        raise WeightsError(f"{gguf_path.name} holds tensors a {arch} decoder here does not have: {', '.join(unknown[:3])}")
+    dense_kinds = sorted({t.tensor_type.name for t in reader.tensors if len(t.shape) == 2} - set(BLOCK_BYTES))
+    if dense_kinds and not dense:
+        say(f"{', '.join(dense_kinds)} blocks have no qmatmul.cpp path: those tensors are dequantised to bfloat16")
     a = lambda k: field(f"{arch}.{k}")
     n_heads, n_kv = a("attention.head_count"), a("attention.head_count_kv")
     tk, tokens = gguf_tokenizer(field)
