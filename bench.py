@@ -12,7 +12,7 @@
    after a 100-token cache, from the quantized blocks (qmatmul.cpp; the bytes are the
    blocks') and, with --dense, from dense bf16 weights.
 3. End to end on a target/draft pair (default: the demo pair): autoregressive, chain
-   (K = 2, 4, auto), tree (auto, auto without lookup, and the paper's 25/200 budgets) on
+   (K = 2, 4, auto), tree (auto, auto without lookup, and with --full the paper's 25/200 budgets) on
    code and prose prompts (with --dense also ar, chain K=4 and tree auto on dense bf16 weights,
    --quant none, for the same-run ratio of blocks over dense: slow where oneDNN cannot pack bf16,
    on CPUs without AVX512); and on editing prompts (a 55-line
@@ -364,6 +364,7 @@ def forward_table(rows, bandwidth, breakdown):
             "byte floor of a pass is its bytes / that.\n\n" + "\n".join(lines) + "\n\n" + "\n".join(parts))
 
 
+PAPER = "tree 25/200 (paper)"     # a 201-token verify pass a step: --full only (minutes a prompt on 2 cores)
 METHODS = {
     "ar": dict(mode="ar"),
     "chain K=2": dict(mode="chain", k=2),
@@ -371,7 +372,7 @@ METHODS = {
     "chain auto": dict(mode="chain", k="auto"),
     "tree auto": dict(mode="tree", tree_size="auto"),
     "tree auto, no lookup": dict(mode="tree", tree_size="auto", lookup="off"),
-    "tree 25/200 (paper)": dict(mode="tree", tree_size="fixed", budget=tree.Budget(max_nodes_per_level=25, max_total_nodes=200)),
+    PAPER: dict(mode="tree", tree_size="fixed", budget=tree.Budget(max_nodes_per_level=25, max_total_nodes=200)),
     "chain K=4, rejection": dict(mode="chain", k=4, verify="rejection"),      # sampled rows only: greedy
     "tree auto, rejection": dict(mode="tree", tree_size="auto", verify="rejection"),   # is the same either way
     "ar, dense": dict(mode="ar", quant="none"),                    # the same rows on dense bf16 weights
@@ -392,7 +393,8 @@ def bench_e2e(a):
     for prompt_name, prompt in PROMPTS.items():
         edit = is_edit(prompt_name)
         max_new = EDIT_TOKENS if edit else a.tokens or (128 if a.full else 64)
-        methods = {m: kw for m, kw in METHODS.items() if (m in EDIT_METHODS or not edit) and kw.get("quant", "auto") in pairs}
+        methods = {m: kw for m, kw in METHODS.items() if (m in EDIT_METHODS or not edit) and kw.get("quant", "auto") in pairs
+                   and (a.full or m != PAPER)}
         ids = target[1].encode(target[1].chat(prompt))
         for temperature in temps:
             runs, ar_out = {}, {}

@@ -20,10 +20,12 @@ Batch invariance: after the prompt's pass, a position's logits are the same bits
 the pass holds 1 token (autoregressive decoding), K + 1 (a chain) or a tree of any shape,
 so speculative decoding emits exactly autoregressive decoding's tokens in bfloat16 too.
 Every op works row by row except two, made invariant: each dense linear sees at least
-MIN_ROWS rows (a quantized one is invariant at any rows: qmatmul.cpp), and `attention`
+MIN_ROWS rows (a quantized one is invariant at any rows: qmatmul.cpp), and attention
 sums each query's keys in an order fixed by their positions alone (a tree node's
-ancestors, scattered among its siblings' slots, are read in position order). The
-prompt's pass, the same in every mode, takes SDPA's fast kernel instead.
+ancestors, scattered among its siblings' slots, are read in position order): `attention`
+here in torch, or in one call a layer qmatmul.cpp's `attend`, where it is built (the CPU).
+The prompt's pass, the same in every mode, takes SDPA's fast kernel instead. The keys and
+values are cached in float32, as attention reads them.
 
 Decoding one token reads every weight once, so its speed is bandwidth over bytes of weights:
 each dense Linear is packed once at load into oneDNN's blocked layout (`Transformer.prepare`);
@@ -256,8 +258,8 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.norm_eps), RMSNorm(c.head_dim, c.norm_eps)
 
     def forward(self, x, cos, sin, cache, start, seen):
-        """seen None: the prompt's pass (causal, from slot 0); a bool mask [T, S]: SDPA under it
-        (a model that need not be batch-invariant); Visible: the keys each query sees, summed in order."""
+        """seen None: the prompt's pass (causal, from slot 0); else the keys each query sees, as
+        a bool mask [T, S] (qmatmul.cpp's attend) or Visible (`attention`): batch-invariant both."""
         B, T, _ = x.shape
         c = self.c
         qkv = self.qkv_proj(x).view(B, T, -1, c.head_dim).transpose(1, 2)        # (B, nh + 2 nkv, T, hs)
@@ -266,11 +268,12 @@ class Attention(nn.Module):
             qk = torch.cat((self.q_norm(qk[:, :c.n_heads]), self.k_norm(qk[:, c.n_heads:])), 1)
         q, k = apply_rope(qk, cos, sin).split((c.n_heads, c.n_kv_heads), dim=1)   # (B, nh|nkv, T, hs): one rotation
         k, v = cache.update(start, k, v)                                          # (B, nkv, start+T, hs)
-        if isinstance(seen, Visible):
+        if seen is None:                             # the prompt: SDPA's flash kernel, fast for many queries
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, is_causal=True, enable_gqa=True).to(q.dtype)
+        elif isinstance(seen, Visible):
             y = attention(q, k, v, seen)                                          # (B, nh, T, hs)
-        else:                                        # SDPA's flash kernel: fast, its sums in its own order
-            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=seen, is_causal=seen is None,
-                                               enable_gqa=True).to(q.dtype)
+        else:                                        # a mask [T, S]: qmatmul.cpp's attend, one call (same math)
+            y = qmatmul().attend(q, k, v, seen)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -404,8 +407,7 @@ class Transformer(nn.Module):
         self.model = Decoder(c)
         self.lm_head = Linear(c.dim, c.vocab_size, bias=False)
         self.length = 0          # cache slots in use
-        self.head_rows = self.head = None   # restrict_head: the vocabulary the head computes, and its tiles
-        self.batch_invariant = True   # False: passes after the prompt's take SDPA too, faster, sums in its order
+        self.reduced = None      # restrict_head: (the token ids its head computes, that head)
 
     @classmethod
     def from_dir(cls, path, config: Config, device="cpu", dtype=torch.bfloat16, quant="auto"):
@@ -469,10 +471,10 @@ class Transformer(nn.Module):
         kv = torch.promote_types(self.dtype, torch.float32)                       # as attention reads it
         self.caches = [KVCache(shape, self.device, kv) for _ in self.model.layers]
         angles = torch.outer(torch.arange(max_len, dtype=torch.float64), rope_frequencies(c))
+        sign = torch.cat((-torch.ones(angles.shape[-1]), torch.ones(angles.shape[-1])))   # for apply_rope's roll
         angles = torch.cat((angles, angles), dim=-1)
         self.rope_cos = angles.cos().to(device=self.device, dtype=self.dtype)
-        self.rope_sin = (angles.sin() * torch.cat((-torch.ones(angles.shape[-1] // 2), torch.ones(angles.shape[-1] // 2)))
-                         ).to(device=self.device, dtype=self.dtype)                 # signed for apply_rope's roll
+        self.rope_sin = (angles.sin() * sign).to(device=self.device, dtype=self.dtype)
         self.max_len, self.length = max_len, 0
 
     @torch.no_grad()
@@ -491,20 +493,21 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         if start == 0 and attn_mask is None:
             seen = None                                                  # the prompt: causal
-        elif self.batch_invariant:
-            seen = Visible.of(self.full_mask(attn_mask, start, T))
-        else:
+        else:                                                            # where no kernel is built: in torch
             seen = self.full_mask(attn_mask, start, T)
+            kernel = self.device.type == "cpu" and self.dtype != torch.float64 and qmatmul() is not None   # (float32 sums)
+            seen = seen if kernel else Visible.of(seen)
         cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         x = self.model.embed_tokens(tokens)
         for layer, cache in zip(self.model.layers, self.caches):
             x = layer(x, cos, sin, cache, start, seen)
         self.length = start + T
         x = self.model.norm(x[:, -last:] if last else x)                 # the head only where it is read
-        if self.head_rows is None:
+        if self.reduced is None:
             return self.lm_head(x).float()
+        rows, head = self.reduced
         out = x.new_full((*x.shape[:2], self.config.vocab_size), float("-inf"), dtype=torch.float32)
-        return out.index_copy_(-1, self.head_rows, self.head(x).float())
+        return out.index_copy_(-1, rows, head(x).float())
 
     def restrict_head(self, tokens):
         """Compute the logits of `tokens` (and the rest of their 16-row tiles) only; the others
@@ -513,13 +516,13 @@ class Transformer(nn.Module):
         Large-Vocabulary Language Models via Frequency-Ranked Speculative Sampling") drafts over
         the most frequent 32K tokens with little loss of acceptance. Blocks heads only (their
         tiles are sliced as they lie); None, or tokens that cover every tile, restores the head."""
-        self.head_rows = self.head = None
+        self.reduced = None
         if tokens is None or not isinstance(self.lm_head, QLinear) or len(self.lm_head.parts) > 1:
             return
         tiles = torch.unique(torch.as_tensor(tokens, dtype=torch.long) // TILE)
         if len(tiles) < self.lm_head.out_features // TILE:
-            self.head = self.lm_head.tiles(tiles)
-            self.head_rows = (tiles[:, None] * TILE + torch.arange(TILE)).flatten().to(self.device)
+            rows = (tiles[:, None] * TILE + torch.arange(TILE)).flatten().to(self.device)
+            self.reduced = rows, self.lm_head.tiles(tiles)
 
     def full_mask(self, attn_mask, start, T):
         """[T, start + T]: the new tokens' mask (causal by default) after the cached slots."""

@@ -35,6 +35,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <vector>
 #if defined(__AVX512BF16__) && !defined(QMATMUL_PORTABLE) && !defined(QMATMUL_AVX2)
 #include <immintrin.h>
 #define QMATMUL_AVX512 1
@@ -376,7 +377,66 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales, to
     return y;
 }
 
+// ---------------------------------------------------------------------------- few-query attention
+// softmax(q k^T / sqrt(d)) v for the passes after the prompt's (a token, a chain, a tree): each
+// query on its own, over the keys its mask row shows, in slot order, in float32: its scores, their
+// max, then sum_s e^(score_s - max) v_s and the sum of those exponentials, one key after another.
+// So a query's bits do not depend on the queries beside it (batch invariance), and a pass makes
+// one call a layer where torch made ~20 (model.py's `attention` is the same math, in blocks).
+// q (B, H, T, d), k and v (B, nkv, S, d) with any strides but the last, mask (T, S) bool.
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t d) {    // 8 running sums, added in one order
+    float lane[8] = {};
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8)
+        for (int j = 0; j < 8; j++) lane[j] += a[i + j] * b[i + j];
+    float s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    for (; i < d; i++) s += a[i] * b[i];
+    return s;
+}
+
+}  // namespace
+
+torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask) {
+    TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32 &&
+                k.stride(3) == 1 && v.stride(3) == 1 && mask.scalar_type() == torch::kBool, "attend: q (B,H,T,d), float32 k, v");
+    const auto qf = q.to(torch::kFloat32).contiguous();
+    const auto seen = mask.contiguous();
+    const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3), S = k.size(2), G = H / k.size(1);
+    TORCH_CHECK(seen.size(0) == T && seen.size(1) == S && H % k.size(1) == 0, "attend: mask (T, S), heads by kv heads");
+    auto y = torch::empty({B, H, T, d}, qf.options());
+    const float *qp = qf.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+    const bool* mp = seen.data_ptr<bool>();
+    float* yp = y.data_ptr<float>();
+    const float scale = 1.f / std::sqrt(float(d));
+    at::parallel_for(0, B * H * T, 1, [&](int64_t i0, int64_t i1) {
+        std::vector<float> score(S);
+        for (int64_t i = i0; i < i1; i++) {                       // one query: (b, h, t)
+            const int64_t b = i / (H * T), h = i / T % H, t = i % T;
+            const float* kb = kp + b * k.stride(0) + (h / G) * k.stride(1);
+            const float* vb = vp + b * v.stride(0) + (h / G) * v.stride(1);
+            const float* qi = qp + i * d;
+            float top = -INFINITY;
+            for (int64_t s = 0; s < S; s++)
+                if (mp[t * S + s]) top = std::max(top, score[s] = dot(qi, kb + s * k.stride(2), d) * scale);
+            float* out = yp + i * d;
+            std::fill(out, out + d, 0.f);
+            float sum = 0.f;
+            for (int64_t s = 0; s < S; s++)
+                if (mp[t * S + s]) {
+                    const float e = std::exp(score[s] - top), *vs = vb + s * v.stride(2);
+                    sum += e;
+                    for (int64_t j = 0; j < d; j++) out[j] += e * vs[j];
+                }
+            for (int64_t j = 0; j < d; j++) out[j] /= sum;
+        }
+    });
+    return y.to(q.scalar_type());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("qmatmul", &qmatmul, "y = x W^T + b, W as quantized blocks in 16-output tiles");
+    m.def("attend", &attend, "softmax(q k^T / sqrt(d)) v, each query alone over its mask row's keys, in slot order");
     m.attr("activations") = ACTIVATIONS;
 }

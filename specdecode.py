@@ -331,9 +331,9 @@ def start(prompt_ids, target, draft, opts: Options):
     if opts.mode != "ar" and draft is None:
         raise SpecError(f"--mode {opts.mode} needs a draft model")
     vocab = max(tok.vocab().values()) + 1
-    if not all(whole(i) and 0 <= i < min(vocab, model.config.vocab_size) for i in prompt_ids):
-        raise SpecError(f"the prompt's token ids must be whole numbers in [0, {vocab}), got "
-                        f"{next(i for i in prompt_ids if not (whole(i) and 0 <= i < vocab))!r}")
+    bad = [i for i in prompt_ids if not (whole(i) and 0 <= i < min(vocab, model.config.vocab_size))]
+    if bad:
+        raise SpecError(f"the prompt's token ids must be whole numbers in [0, {vocab}), got {bad[0]!r}")
     need, context = len(prompt_ids) + opts.max_new_tokens, model.config.max_seq_len
     if draft is not None:
         context = min(context, draft[0].config.max_seq_len)
@@ -380,7 +380,6 @@ def load_pair(target, draft=None, device="cpu", dtype=torch.bfloat16, quant="aut
         key = (role, str(name), str(device), dtype, quant)    # a draft equal to the target has its own cache
         if key not in _loaded:
             _loaded[key] = weights.load(name, device=device, dtype=dtype, quant=quant)
-            _loaded[key][0].batch_invariant = role == "target"   # the draft only proposes: exactness never needs it
         pair.append(_loaded[key])
     check_pair(*pair)
     return pair
