@@ -1,4 +1,4 @@
-"""Benchmarks, measured side by side in one run: python bench.py [--full] [--only sampler|e2e].
+"""Benchmarks, measured side by side in one run: python bench.py [--full] [--only sampler|forward|e2e|numerics].
 
 1. Sampler: latency of each rejection-sampling implementation (median of repeated calls
    after warm-up) for batch 1/2/4/8, K = 8 and three vocabularies, the speedup over the
@@ -30,6 +30,9 @@
    --repeat N runs every row N times in turn and reports each row's median run.
    --vs-hf adds transformers' generate, assisted generation (its default dynamic K, and
    K = 4 and 8 but on edits) and prompt lookup on the same folders, and the ratios against them.
+4. Numerics (--only numerics, not in the default run): the target's perplexity on a file of
+   Python's standard library and its greedy text, from its blocks as they run (int8
+   activations on AVX2 CPUs) and from its exact weights in float32.
 Writes bench_results.md and bench.png.
 """
 import argparse
@@ -364,6 +367,39 @@ def forward_table(rows, bandwidth, breakdown):
             "byte floor of a pass is its bytes / that.\n\n" + "\n".join(lines) + "\n\n" + "\n".join(parts))
 
 
+def bench_numerics(a, tokens=512):
+    """The target as it runs (its blocks: on AVX2 CPUs with int8 activations, qmatmul.cpp's
+    `activations`) against its exact weights in float32 (the blocks dequantised): perplexity
+    on the first `tokens` tokens of a file every Python has (the standard library's
+    argparse.py), and where greedy text from the two first parts on the code and prose prompts."""
+    import argparse as stdlib_file
+    (ours, tok), = sd.load_pair(a.target, None, a.device, torch.bfloat16)[:1]
+    exact = weights.load(a.target, a.device, torch.float32)[0]
+    ids = tok.encode(open(stdlib_file.__file__).read())[:tokens]
+    rows = []
+    for name, m in ((f"blocks, {model.qmatmul().activations} activations", ours), ("exact weights, float32", exact)):
+        m.setup_cache(len(ids))
+        logp = torch.log_softmax(m(torch.tensor([ids], device=m.device), last=len(ids))[0, :-1].float(), -1)
+        nll = -logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].mean()
+        rows.append({"model": name, "perplexity": float(nll.exp())})
+        say(f"  {name}: perplexity {rows[-1]['perplexity']:.4f} on {len(ids)} tokens of {stdlib_file.__file__}")
+    partings = []
+    for prompt_name, prompt in PROMPTS.items():
+        if is_edit(prompt_name):
+            continue
+        prompt_ids = tok.encode(tok.chat(prompt))
+        outs = [sd.generate(prompt_ids, (m, tok), None, sd.Options(mode="ar", max_new_tokens=a.tokens or 128))[0]
+                for m in (ours, exact)]
+        same = next((i for i, (x, y) in enumerate(zip(*outs)) if x != y), None)
+        partings.append((prompt_name, "same" if same is None and len(outs[0]) == len(outs[1]) else f"parts at {same}"))
+        say(f"  {prompt_name}: greedy text {partings[-1][1]}")
+    return ("Perplexity of the target on the first {} tokens of the standard library's argparse.py, "
+            "and greedy text (ar, {} tokens) of the blocks as run against the exact weights in float32:\n\n"
+            .format(len(ids), a.tokens or 128)
+            + "\n".join(f"- {r['model']}: {r['perplexity']:.4f}" for r in rows) + "\n"
+            + "\n".join(f"- {p}: {w}" for p, w in partings))
+
+
 PAPER = "tree 25/200 (paper)"     # a 201-token verify pass a step: --full only (minutes a prompt on 2 cores)
 METHODS = {
     "ar": dict(mode="ar"),
@@ -493,7 +529,7 @@ def bench_llamacpp(a, ids, max_new, stop_ids, edit):
         key = (method, len(ids) + max_new)
         if key not in _llamacpp:
             _llamacpp.clear()                            # one model in memory at a time
-            _llamacpp[key] = Llama(model_path=str(gguf), n_ctx=len(ids) + max_new + 16, n_batch=512,
+            _llamacpp[key] = Llama(model_path=str(gguf), n_ctx=len(ids) + max_new + 64, n_batch=512,  # 64: lookup's guesses
                                    n_threads=torch.get_num_threads(), draft_model=draft and draft(), verbose=False)
         llm, new = _llamacpp[key], []
         t = time.perf_counter()
@@ -666,7 +702,7 @@ def main():
     p.add_argument("--tokens", type=int, help="new tokens per end-to-end run on the code and prose prompts "
                                               "(default 64, 128 with --full; an edit runs until its answer ends)")
     p.add_argument("--repeat", type=int, default=1, help="end-to-end runs per row, in turn; each row is the median")
-    p.add_argument("--only", choices=("sampler", "forward", "e2e"))
+    p.add_argument("--only", choices=("sampler", "forward", "e2e", "numerics"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--target", default=weights.DEMO_TARGET)
@@ -701,6 +737,9 @@ def main():
     if a.only in (None, "forward", "e2e"):
         say("forward passes ...")
         md += ["## Forward passes\n", forward_table(*bench_forward(a)), ""]
+    if a.only == "numerics":
+        say("numerics: the blocks as run against the exact weights ...")
+        md += ["## Numerics\n", bench_numerics(a), ""]
     if a.only in (None, "e2e"):
         say(f"end to end: {a.target} with draft {a.draft} ...")
         e2e_rows = bench_e2e(a)

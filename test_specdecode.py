@@ -6,6 +6,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -1324,6 +1325,17 @@ def test_cli_runs_the_demo_pair_and_every_mode_prints_ar_s_text():
     code, out, err = cli(*prompt)
     assert code == 0 and out == want, err
     assert "tokens/s" in err.splitlines()[-1] and "acceptance" in err.splitlines()[-1]
+
+
+def test_ctrl_c_while_starting_ends_quietly():
+    """Ctrl-C a second after start, while torch (or the model) loads: the same quiet end as
+    later, status 130, no traceback."""
+    p = subprocess.Popen([sys.executable, str(HERE / "specdecode.py"), "--mode", "ar"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 130 and "Traceback" not in err and "interrupted" in err, err
 
 
 def test_stdout_closed_early_ends_quietly():
