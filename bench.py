@@ -530,7 +530,8 @@ def bench_llamacpp(a, ids, max_new, stop_ids, edit):
         if key not in _llamacpp:
             _llamacpp.clear()                            # one model in memory at a time
             _llamacpp[key] = Llama(model_path=str(gguf), n_ctx=len(ids) + max_new + 64, n_batch=512,  # 64: lookup's guesses
-                                   n_threads=torch.get_num_threads(), draft_model=draft and draft(), verbose=False)
+                                   n_threads=torch.get_num_threads(), draft_model=draft and draft(),
+                                   logits_all=draft is not None, verbose=False)   # (its drafts need every position's)
         llm, new = _llamacpp[key], []
         t = time.perf_counter()
         for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
