@@ -1,5 +1,6 @@
 """The invariants of DESIGN.md as tests. Most use tiny random models written in the real
 config.json + safetensors layout; a few end-to-end checks use the demo weights."""
+import copy
 import itertools
 import json
 import math
@@ -1379,8 +1380,11 @@ def test_demo_pair_every_mode_emits_ar_s_tokens(demo_pair, temperature):
 def test_demo_pair_edits_with_lookup_as_ar_does(demo_pair, monkeypatch):
     """Returning an edited function on the real pair: tree auto (lookup on) gives ar's greedy
     tokens and takes some from the lookup alone, both as planned and with every step that has
-    a lookup continuation forced to be lookup-only."""
+    a lookup continuation forced to be lookup-only. The plans run on given costs (a verify pass
+    nearly flat, a draft pass 0.3 of a target's), not on this machine's clock, whatever its load."""
     target, draft = demo_pair
+    given = {"target": (1.0, 1.05, 1.1, 1.2, 1.4, 1.8), "draft": (0.3, 0.32, 0.34, 0.4, 0.5, 0.7)}
+    monkeypatch.setattr(policy, "costs", lambda model, name: policy.Costs(policy.WIDTHS, given[name]))
     source = ("def mean(xs):\n    total = 0\n    for x in xs:\n        total += x\n    return total / len(xs)\n"
               "\n\ndef spread(xs):\n    m = mean(xs)\n    return max(xs) - min(xs), m\n")
     ids = demo_ids(target[1], "Rename mean to average everywhere and return the whole code:\n\n```python\n"
@@ -1438,7 +1442,8 @@ def test_demo_draft_as_its_own_draft_accepts_every_greedy_node():
     path, so each step accepts all 4 levels, and the draft's probability of each accepted
     token is the target's own (one plain pass over the whole output). Wrong draft positions,
     masks or compaction in tree.grow would only slow decoding and pass every other test."""
-    target, draft = (weights.load(weights.DEMO_DRAFT, dtype=torch.float32) for _ in range(2))   # freed after the test
+    target = weights.load(weights.DEMO_DRAFT, dtype=torch.float32)          # not load_pair's: freed after the test
+    draft = (copy.copy(target[0]), target[1])          # the same weights, its own cache (setup_cache rebinds it)
     budget, ids, q = tree.Budget(max_depth=4, branch=2, max_nodes_per_level=16), demo_ids(target[1]), [None]
     out, stats = sd.generate(ids, target, draft, sd.Options(
         mode="tree", tree_size="fixed", budget=budget, max_new_tokens=20,
