@@ -447,10 +447,18 @@ def test_a_draft_that_does_not_pay_gives_plain_steps_and_is_tried_again():
         assert kinds == ([True] * len(kinds) if pays else ([False] * policy.RECENT + [True]) * 2)
 
 
+def given_costs(monkeypatch):
+    """Plans on a fixed cost table (a verify pass nearly flat, a draft pass 0.2 of a target's),
+    not on this machine's clock: a test about plans must not depend on the machine's load."""
+    tables = {"target": (1.0, 1.02, 1.05, 1.1, 1.2, 1.4), "draft": (0.2, 0.21, 0.22, 0.24, 0.28, 0.36)}
+    monkeypatch.setattr(policy, "costs", lambda model, name: policy.Costs(policy.WIDTHS, tables[name]))
+
+
 def test_plain_steps_between_speculative_ones_keep_the_output(pair, monkeypatch):
     """A plain step leaves the draft's cache behind; the next speculative step feeds it what it
     lacks. Forced steps speculate, plain, plain, ...: greedy and coupled outputs are still ar's."""
     target, draft = pair
+    given_costs(monkeypatch)
     flips, plan = itertools.cycle([True, False, False]), policy.Auto.plan
 
     def forced(self, *a):
@@ -545,6 +553,7 @@ def test_lookup_only_steps_keep_the_output_and_the_caches(pair, monkeypatch):
     ones: greedy and coupled outputs are still ar's, and both caches then hold exactly the
     prefix they claim: the draft, skipped by those steps, caught up."""
     target, draft = pair
+    given_costs(monkeypatch)
     plan = policy.Auto.plan
     for temperature in (0.0, 0.9):
         flips = itertools.cycle([False, False, True])
