@@ -1389,11 +1389,10 @@ def test_demo_pair_every_mode_emits_ar_s_tokens(demo_pair, temperature):
 def test_demo_pair_edits_with_lookup_as_ar_does(demo_pair, monkeypatch):
     """Returning an edited function on the real pair: tree auto (lookup on) gives ar's greedy
     tokens and takes some from the lookup alone, both as planned and with every step that has
-    a lookup continuation forced to be lookup-only. The plans run on given costs (a verify pass
-    nearly flat, a draft pass 0.3 of a target's), not on this machine's clock, whatever its load."""
+    a lookup continuation forced to be lookup-only. The plans run on given costs, not on this
+    machine's clock, whatever its load."""
     target, draft = demo_pair
-    given = {"target": (1.0, 1.05, 1.1, 1.2, 1.4, 1.8), "draft": (0.3, 0.32, 0.34, 0.4, 0.5, 0.7)}
-    monkeypatch.setattr(policy, "costs", lambda model, name: policy.Costs(policy.WIDTHS, given[name]))
+    given_costs(monkeypatch)
     source = ("def mean(xs):\n    total = 0\n    for x in xs:\n        total += x\n    return total / len(xs)\n"
               "\n\ndef spread(xs):\n    m = mean(xs)\n    return max(xs) - min(xs), m\n")
     ids = demo_ids(target[1], "Rename mean to average everywhere and return the whole code:\n\n```python\n"
