@@ -285,9 +285,9 @@ void tile_rows(const Blocks& b, int64_t t0, const Rows& in, uint16_t* y, int64_t
 #endif
 
 #ifdef QMATMUL_INT8
-constexpr const char* ACTIVATIONS = "int8";
+constexpr bool INT8 = true;
 #else
-constexpr const char* ACTIVATIONS = "bf16";
+constexpr bool INT8 = false;
 #endif
 
 using TileFn = void (*)(const Blocks&, int64_t, const Rows&, uint16_t*, int64_t, const float*);
@@ -303,14 +303,13 @@ constexpr std::array<TileFn, sizeof...(M)> table(std::integer_sequence<int, M...
 // each row's sum over each weight group (4-bit only: m's term), all row by row.
 void prepare_rows(const uint16_t* x, int64_t rows, int64_t K, int64_t Gs, bool four,
                   torch::Tensor& xq, torch::Tensor& dx, torch::Tensor& xsum) {
-    const bool int8 = std::strcmp(ACTIVATIONS, "int8") == 0;
-    xq = torch::empty({int8 ? rows : 0, K}, torch::kInt8);
-    dx = torch::empty({int8 ? rows : 0, K / QGROUP}, torch::kFloat32);
+    xq = torch::empty({INT8 ? rows : 0, K}, torch::kInt8);
+    dx = torch::empty({INT8 ? rows : 0, K / QGROUP}, torch::kFloat32);
     xsum = torch::zeros({four ? rows : 0, K / Gs}, torch::kFloat32);
     int8_t* q = xq.data_ptr<int8_t>();
     float *d = dx.data_ptr<float>(), *s = xsum.data_ptr<float>();
     for (int64_t r = 0; r < rows; r++) {
-        if (int8)
+        if (INT8)
             for (int64_t a = 0; a < K / QGROUP; a++) {
                 const uint16_t* v = x + r * K + a * QGROUP;
                 float amax = 0.f;
@@ -324,10 +323,10 @@ void prepare_rows(const uint16_t* x, int64_t rows, int64_t K, int64_t Gs, bool f
                 float sum = 0.f;
                 int32_t isum = 0;
                 for (int64_t k = g * Gs; k < (g + 1) * Gs; k++) {
-                    if (int8) isum += q[r * K + k];
+                    if (INT8) isum += q[r * K + k];
                     else sum += bf16_float(x[r * K + k]);
                 }
-                s[r * (K / Gs) + g] = int8 ? d[r * (K / QGROUP) + g * Gs / QGROUP] * float(isum) : sum;
+                s[r * (K / Gs) + g] = INT8 ? d[r * (K / QGROUP) + g * Gs / QGROUP] * float(isum) : sum;
             }
     }
 }
@@ -343,7 +342,7 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales, to
     TORCH_CHECK(K % 2 == 0 && q.size(1) == K / 2, "blocks of ", 2 * q.size(1), " inputs do not fit x's ", K);
     const int64_t Gs = K / scales.size(1), Gd = K / d.size(1);
     TORCH_CHECK(Gs % 8 == 0 && Gd % Gs == 0 && K % Gd == 0, "group sizes ", Gs, ", ", Gd, " do not divide ", K);
-    TORCH_CHECK(std::strcmp(ACTIVATIONS, "int8") || (QGROUP % Gs == 0 && K % QGROUP == 0),
+    TORCH_CHECK(!INT8 || (QGROUP % Gs == 0 && K % QGROUP == 0),
                 "int8 activations need groups of at most ", QGROUP, " inputs, not ", Gs);
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
     torch::Tensor xq, dx, xsum;
@@ -438,5 +437,5 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("qmatmul", &qmatmul, "y = x W^T + b, W as quantized blocks in 16-output tiles");
     m.def("attend", &attend, "softmax(q k^T / sqrt(d)) v, each query alone over its mask row's keys, in slot order");
-    m.attr("activations") = ACTIVATIONS;
+    m.attr("activations") = INT8 ? "int8" : "bf16";
 }
