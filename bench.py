@@ -39,17 +39,18 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from datetime import date
 
 import torch
 
+import linears
 import model
 import sampler
 import specdecode as sd
 import tree
 import weights
+from linears import say
 
 EDIT_SOURCE = '''import csv
 from collections import defaultdict
@@ -123,10 +124,6 @@ EDIT_METHODS = ("ar", "chain auto", "tree auto", "tree auto, no lookup")
 
 def is_edit(prompt_name):
     return prompt_name.startswith("edit")
-
-
-def say(msg):
-    print(msg, file=sys.stderr, flush=True)
 
 
 def sync(device):
@@ -279,10 +276,10 @@ def weight_bytes(m, tokens):
     where it is a QLinear), the norms, and `tokens` rows of the embedding."""
     total = 0
     for mod in m.modules():
-        if isinstance(mod, model.Linear):
+        if isinstance(mod, linears.Linear):
             total += mod.in_features * mod.out_features * m.dtype.itemsize
             total += mod.bias.numel() * mod.bias.element_size() if mod.bias is not None else 0
-        elif isinstance(mod, model.QLinear):
+        elif isinstance(mod, linears.QLinear):
             total += sum(t.numel() * t.element_size() for p in mod.parts for t in p[:5])   # p[5]: a flag
         elif isinstance(mod, model.RMSNorm):
             total += mod.weight.numel() * mod.weight.element_size()
@@ -327,7 +324,7 @@ def bench_forward(a, reps=21):
 def one_token_breakdown(m, reps=10):
     """Of a one-token pass: ms in its linears (each call timed) and outside them, and
     torch.profiler's costliest ops outside them (qmatmul.cpp's calls are not torch ops)."""
-    linears = [mod for mod in m.modules() if isinstance(mod, (model.Linear, model.QLinear))]
+    linears = [mod for mod in m.modules() if isinstance(mod, (linears.Linear, linears.QLinear))]
     spent = [0.0]
 
     def timed(f):
@@ -377,7 +374,7 @@ def bench_numerics(a, tokens=512):
     exact = weights.load(a.target, a.device, torch.float32)[0]
     ids = tok.encode(open(stdlib_file.__file__).read())[:tokens]
     rows = []
-    for name, m in ((f"blocks, {model.qmatmul().activations} activations", ours), ("exact weights, float32", exact)):
+    for name, m in ((f"blocks, {linears.qmatmul().activations} activations", ours), ("exact weights, float32", exact)):
         m.setup_cache(len(ids))
         logp = torch.log_softmax(m(torch.tensor([ids], device=m.device), last=len(ids))[0, :-1].float(), -1)
         nll = -logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].mean()

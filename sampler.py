@@ -33,13 +33,9 @@ One contract, three implementations that return the same tokens for the same inp
 A token tree has its own contract, with the same three implementations: tree_sample decides
 at a tree node among several candidate children (SpecInfer's multi-round rejection).
 """
-import sys
-import time
-from pathlib import Path
-
 import torch
 
-from model import SpecdecodeError
+from linears import SpecdecodeError, compiled
 
 
 class SamplerError(SpecdecodeError):
@@ -118,8 +114,7 @@ def coupled_sample(p, draft, e):
     draft's races chose, e [B, K+1, V] the races' exponentials at the K+1 positions. Position
     i's winner is w_i = argmax p_i / E_i; the drafts are accepted up to the first i with
     draft_i != w_i, where w_i is emitted (w_K after all K). Same returns as rejection_sample."""
-    if torch.isnan(p).any() or (p < 0).any():
-        raise SamplerError("NaN or negative target probabilities")
+    check_probs(target=p)
     B, K = draft.shape
     winners = draw(p.float(), e)
     n = (draft == winners[:, :K]).long().cumprod(-1).sum(-1)
@@ -148,10 +143,15 @@ def check_inputs(p, q, draft, u, e):
                            f"u {tuple(u.shape)}, e {tuple(e.shape)}")
     if draft.min() < 0 or draft.max() >= V:
         raise SamplerError(f"draft token ids must lie in [0, {V}), got [{int(draft.min())}, {int(draft.max())}]")
-    for name, x in (("target", p), ("draft", q)):
-        if torch.isnan(x).any():
+    check_probs(target=p, draft=q)
+
+
+def check_probs(**named):
+    """Raise SamplerError where a distribution (None: not given) holds a NaN or a negative number."""
+    for name, x in named.items():
+        if x is not None and torch.isnan(x).any():
             raise SamplerError(f"NaN in the {name} probabilities")
-        if (x < 0).any():
+        if x is not None and (x < 0).any():
             raise SamplerError(f"negative {name} probabilities")
 
 
@@ -210,26 +210,10 @@ def vectorised(p, q, draft, u, e):
     return tokens, n
 
 
-_cuda = {}
-
-
 def cuda_extension():
-    """The compiled sampler.cu (built on first use, cached by torch), or None with the reason said once."""
-    if "ext" not in _cuda:
-        _cuda["ext"] = None
-        if not torch.cuda.is_available():
-            print("[specdecode] no CUDA device: the rejection sampler runs in vectorised torch", file=sys.stderr)
-        else:
-            from torch.utils.cpp_extension import load
-            t = time.perf_counter()
-            try:
-                _cuda["ext"] = load(name="specdecode_sampler", sources=[str(Path(__file__).with_name("sampler.cu"))],
-                                    extra_cuda_cflags=["-O3"], verbose=False)
-                print(f"[specdecode] CUDA sampler ready ({time.perf_counter() - t:.1f} s, cached after the first build)",
-                      file=sys.stderr)
-            except Exception as err:                     # a failed build falls back, saying why
-                print(f"[specdecode] CUDA sampler build failed, using torch: {str(err).splitlines()[0]}", file=sys.stderr)
-    return _cuda["ext"]
+    """sampler.cu, built on first use (linears.compiled), or None."""
+    return compiled("sampler.cu", "the rejection sampler runs in vectorised torch", name="specdecode_sampler",
+                    why_not=None if torch.cuda.is_available() else "no CUDA device", extra_cuda_cflags=["-O3"])
 
 
 def cuda(p, q, draft, u, e):
@@ -242,6 +226,9 @@ def cuda(p, q, draft, u, e):
     return tokens, n
 
 
+MAX_CANDIDATES = 16        # a node's candidates, at most: sampler.cu's tree kernel holds them in one array of 16
+
+
 def check_tree_inputs(p, q, candidates, u, e, point):
     """Raise SamplerError unless the inputs follow the tree contract (see tree_sample)."""
     if p.dim() != 2 or candidates.dim() != 2:
@@ -252,13 +239,11 @@ def check_tree_inputs(p, q, candidates, u, e, point):
         raise SamplerError(f"shapes disagree: p {tuple(p.shape)}, q {None if q is None else tuple(q.shape)}, "
                            f"candidates {tuple(candidates.shape)}, u {tuple(u.shape)}, e {tuple(e.shape)}, "
                            f"point {None if point is None else tuple(point.shape)}")
+    if candidates.shape[1] > MAX_CANDIDATES:
+        raise SamplerError(f"at most {MAX_CANDIDATES} candidates a node (sampler.cu), got {candidates.shape[1]}")
     if candidates.numel() and (candidates.min() < -1 or candidates.max() >= V):
         raise SamplerError(f"candidate token ids must lie in [0, {V}) (or -1 for none)")
-    for name, x in (("target", p), ("draft", q)):
-        if x is not None and torch.isnan(x).any():
-            raise SamplerError(f"NaN in the {name} probabilities")
-        if x is not None and (x < 0).any():
-            raise SamplerError(f"negative {name} probabilities")
+    check_probs(target=p, draft=q)
 
 
 def tree_sample(p, q, candidates, u, e, point=None, impl="auto"):

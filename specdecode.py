@@ -38,7 +38,7 @@ import policy
 import sampler
 import tree
 import weights
-from model import SpecdecodeError      # every refusal's base class: what Python API users catch
+from linears import SpecdecodeError    # every refusal's base class: what Python API users catch
 
 DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime, with a short docstring."
 

