@@ -403,14 +403,14 @@ METHODS = {
     "chain K=2": dict(mode="chain", k=2),
     "chain K=4": dict(mode="chain", k=4),
     "chain auto": dict(mode="chain", k="auto"),
-    "tree auto": dict(mode="tree", tree_size="auto"),
-    "tree auto, no lookup": dict(mode="tree", tree_size="auto", lookup="off"),
-    PAPER: dict(mode="tree", tree_size="fixed", budget=tree.Budget(max_nodes_per_level=25, max_total_nodes=200)),
+    "tree auto": dict(mode="tree", sizing="auto"),
+    "tree auto, no lookup": dict(mode="tree", sizing="auto", lookup="off"),
+    PAPER: dict(mode="tree", sizing="fixed", budget=tree.Budget(max_nodes_per_level=25, max_total_nodes=200)),
     "chain K=4, rejection": dict(mode="chain", k=4, verify="rejection"),      # sampled rows only: greedy
-    "tree auto, rejection": dict(mode="tree", tree_size="auto", verify="rejection"),   # is the same either way
+    "tree auto, rejection": dict(mode="tree", sizing="auto", verify="rejection"),   # is the same either way
     "ar, dense": dict(mode="ar", quant="none"),                    # the same rows on dense bf16 weights
     "chain K=4, dense": dict(mode="chain", k=4, quant="none"),
-    "tree auto, dense": dict(mode="tree", tree_size="auto", quant="none"),
+    "tree auto, dense": dict(mode="tree", sizing="auto", quant="none"),
 }
 
 

@@ -33,12 +33,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tree import ROOT
+import tree
 
 WIDTHS = (1, 2, 4, 8, 16, 32)     # the widths of the passes a step makes: a draft step, a chain, a tree
 K_MAX = 12                        # a guess: the longest chain --k auto drafts (and the cache headroom it needs)
 RECENT = 8                        # a guess: drafted steps the draft is judged on (a few steps' noise averages out),
                                   # and steps without it before it is tried again
+DECAY = 0.9                       # a guess: each step weighs the acceptance counts before it by this (~10 steps count)
+DEEPEST = 8                       # acceptance is counted per depth up to here (the default --max-depth); deeper share it
 
 
 @dataclass
@@ -123,32 +125,32 @@ def watch(model, costs):
 
 
 class Acceptance:
-    """c_d per depth d (depths past 8, the default --max-depth, share one): accepted tokens
-    over the summed q of the tokens judged, each step weighing the past by 0.9 (a guess:
-    about the last 10 steps count), from a prior worth one token that trusts q (c = 1)."""
+    """c_d per depth d (depths past DEEPEST share one): accepted tokens over the summed q of
+    the tokens judged, each step weighing the past by DECAY, from a prior worth one token
+    that trusts q (c = 1)."""
 
     def __init__(self):
         self.counts = {}                             # depth -> [accepted, summed q]
 
     def c(self, depth):
-        a, s = self.counts.get(min(depth, 8), (1.0, 1.0))
+        a, s = self.counts.get(min(depth, DEEPEST), (1.0, 1.0))
         return a / s
 
     def observe(self, t, path):
         if not t.tokens:
             return
         for d in self.counts.values():
-            d[0], d[1] = 0.9 * d[0], 0.9 * d[1]
+            d[0], d[1] = DECAY * d[0], DECAY * d[1]
         accepted = set(path)
         for i in t.reached(path):
             if not math.isnan(t.q[i]):
-                d = self.counts.setdefault(min(t.depths[i], 8), [1.0, 1.0])
+                d = self.counts.setdefault(min(t.depths[i], DEEPEST), [1.0, 1.0])
                 d[0], d[1] = d[0] + (i in accepted), d[1] + t.q[i]
 
 
 class LookupRates:
     """Per match length (2, 3, or 4 and more): lookup tokens accepted and judged, each step
-    weighing the past by 0.9, from a prior Beta(1/4, 3/4): worth one token, 1 in 4 accepted,
+    weighing the past by DECAY, from a prior Beta(1/4, 3/4): worth one token, 1 in 4 accepted,
     and weighted near 0 and 1, for a lookup mostly either copies a file or guesses. A long
     match in an edited file is nearly always right, a short one in fresh text mostly chance."""
 
@@ -170,38 +172,40 @@ class LookupRates:
         if not match or all(s == "draft" for s in t.sources):
             return
         c, accepted = self.counts[min(match, 4)], set(path)
-        c[0], c[1] = 0.9 * c[0], 0.9 * c[1]
+        c[0], c[1] = DECAY * c[0], DECAY * c[1]
         for i in t.reached(path):
             if t.sources[i] != "draft":
                 c[0], c[1] = c[0] + (i in accepted), c[1] + 1
 
 
 class Fixed:
-    """--tree fixed and --k N: fill the budgets every step (the tree paper's), or draft K; each
-    step's plan is this object, its clock for max_time restarted."""
+    """--tree fixed and --k N: every step fills the budgets (as the tree paper does) or drafts
+    K; the plan of every step is this object (tree.Plan)."""
     drafts = True
 
-    def __init__(self, budget, k=None):
-        self.budget, self.k, self.t0 = budget, k, 0.0
+    def __init__(self, k=None):
+        self.k = k
 
     def plan(self, guess=(), match=0):
-        self.t0 = time.perf_counter()
         return self
 
     def observe(self, step):
         pass
 
-    def keep(self, t, chosen):
-        return len(chosen)
+    def value(self, t, parent, q):
+        return math.nan                                # not valued: the budgets decide
+
+    def keep(self, t, values):
+        return len(values)
 
     def deeper(self, t, frontier):
-        return time.perf_counter() - self.t0 < self.budget.max_time
+        return True
 
-    def chain(self, t, tip, room):
+    def lookup(self, t, tip, room):
         return room
 
-    def more(self, qs):
-        return len(qs) < self.k
+    def more(self, q):
+        return len(q) < self.k
 
 
 class Auto:
@@ -209,101 +213,94 @@ class Auto:
 
     def __init__(self, target: Costs, draft: Costs):
         self.target, self.draft = target, draft
-        self.acceptance, self.lookup, self.match = Acceptance(), LookupRates(), 0
+        self.acceptance, self.lookups, self.match = Acceptance(), LookupRates(), 0
         self.recent, self.idle = [], 0               # (tokens, tree) of the last drafted steps; steps since
 
     def plan(self, guess=(), match=0):
-        """This step's plan: draft, or not (a plain step, or the lookup chain alone)."""
+        """This step's plan: draft, or not (a plain step, or the lookup run alone)."""
         self.match = match
-        p = AutoPlan(self, self.lookup.runs(match, len(guess)) if guess else [])
-        _, alone = p.best_chain(1.0, len(guess))
-        drafting = sum(n for n, _ in self.recent) / sum(self.price(t) for _, t in self.recent) if self.recent else math.inf
-        p.drafts = drafting > alone or self.idle >= RECENT     # alone: at least a plain step's 1 / seconds(1)
-        self.idle = 0 if p.drafts else self.idle + 1             # a draft that lost is tried again now and then
-        p.drafting = self.draft.seconds(1) if p.drafts else 0.0
-        return p
+        runs = self.lookups.runs(match, len(guess)) if guess else []
+        _, alone = AutoPlan(self, runs, False).best_run(tree.Tree(), tree.ROOT, len(guess))
+        drafted = sum(n for n, _ in self.recent) / sum(self.price(t) for _, t in self.recent) if self.recent else math.inf
+        drafts = drafted > alone or self.idle >= RECENT     # alone: at least a plain step's 1 / seconds(1)
+        self.idle = 0 if drafts else self.idle + 1           # a draft that lost is tried again now and then
+        return AutoPlan(self, runs, drafts)
+
+    def draft_seconds(self, t):
+        """Priced seconds of a tree's draft passes so far: the root's, then each fed level's width."""
+        widths = [t.depths.count(d) for d in range(1, t.levels)]
+        return self.draft.seconds(1) + sum(self.draft.seconds(w) for w in widths) if t.levels else 0.0
 
     def price(self, t):
-        """Priced seconds of a step's tree: its draft passes (the root, then each level's width)
-        and the target pass over its nodes and the root."""
-        widths = [t.depths.count(d) for d in range(1, t.levels)]
-        drafting = self.draft.seconds(1) + sum(self.draft.seconds(w) for w in widths) if t.levels else 0.0
-        return drafting + self.target.seconds(len(t.tokens) + 1)
+        """Priced seconds of a step's tree: its draft passes and the target pass over its nodes and the root."""
+        return self.draft_seconds(t) + self.target.seconds(len(t.tokens) + 1)
 
     def observe(self, step):
         if step.tree.levels:
             self.recent = (self.recent + [(len(step.tokens), step.tree)])[-RECENT:]    # priced at today's costs
         self.acceptance.observe(step.tree, step.path)
-        self.lookup.observe(step.tree, step.path, self.match)
+        self.lookups.observe(step.tree, step.path, self.match)
 
 
 class AutoPlan:
-    """One step's growth under Auto: expected tokens so far (1 + the kept nodes' values),
-    priced draft seconds so far, and each kept node's value."""
+    """One step's plan under Auto (tree.Plan): a tree of N nodes with values v is expected to
+    give E = 1 + sum(v) tokens in its priced draft seconds plus a target pass over N + 1."""
 
-    def __init__(self, policy: Auto, runs):
-        self.p, self.runs = policy, runs
-        self.drafts, self.expected, self.drafting, self.values = False, 1.0, 0.0, {ROOT: 1.0}
+    def __init__(self, policy: Auto, runs, drafts):
+        self.policy, self.runs, self.drafts = policy, runs, drafts
 
-    def rate(self, expected, drafting, nodes):
-        return expected / (drafting + self.p.target.seconds(nodes + 1))
+    def rate(self, t, extra_value=0.0, extra_nodes=0, extra_seconds=0.0):
+        """Expected tokens per second of tree t, grown by nodes worth extra_value at extra_seconds of drafting."""
+        expected = 1 + sum(v for v in t.values if not math.isnan(v)) + extra_value
+        seconds = self.policy.draft_seconds(t) + extra_seconds + self.policy.target.seconds(len(t.tokens) + extra_nodes + 1)
+        return expected / seconds
 
-    def keep(self, t, chosen):
-        """How many of the level's candidates (best first) maximise the expected rate."""
-        if not chosen:
-            return 0
-        c = self.p.acceptance.c(t.depth(chosen[0][0]) + 1)
-        vs = [self.values[f] * min(1.0, c * cand.q) for f, cand in chosen]
-        n, e = len(t.tokens), self.expected
-        best_m, best = 0, self.rate(e, self.drafting, n)
-        for m, v in enumerate(vs, 1):
-            e += v
-            if self.rate(e, self.drafting, n + m) > best:
-                best_m, best = m, self.rate(e, self.drafting, n + m)
-        self.values.update((n + i, v) for i, v in enumerate(vs[:best_m]))   # t.add numbers them n, n + 1, ...
-        self.expected += sum(vs[:best_m])
-        return best_m
+    def value(self, t, parent, q):
+        """v(parent) min(1, c_d q) at the child's depth d."""
+        return t.value(parent) * min(1.0, self.policy.acceptance.c(t.depth(parent) + 1) * q)
+
+    def keep(self, t, values):
+        """The m that maximises the expected rate, the level's first m candidates kept."""
+        rates = [self.rate(t, sum(values[:m]), m) for m in range(len(values) + 1)]
+        return max(range(len(rates)), key=lambda m: (rates[m], -m))
 
     def deeper(self, t, frontier):
-        """Whether another draft pass pays, looking down from the best frontier node."""
-        best = max(frontier, key=self.values.get)
-        rho = min(1.0, self.p.acceptance.c(t.depths[best] + 1) * t.q[best])
-        if not self.pays_on(self.expected, self.drafting, len(t.tokens), self.values[best], rho, len(frontier)):
-            return False
-        self.drafting += self.p.draft.seconds(len(frontier))
-        return True
+        """Whether drafting on pays within K_MAX more levels, looking down from the best frontier
+        node: the next pass over the frontier, the later ones one node each, the j-th level's
+        node accepted with v rho^j. A level alone can lose where the run it starts pays, for a
+        confident draft is accepted in runs."""
+        best = max(frontier, key=t.value)
+        rho = min(1.0, self.policy.acceptance.c(t.depths[best] + 1) * t.q[best])
+        return self.pays(t, t.value(best), rho, len(frontier))
 
-    def pays_on(self, expected, drafting, nodes, v, rho, width):
-        """Whether drafting on pays within K_MAX more levels (the next a pass over `width` new
-        nodes, the later ones one node each, the j-th accepted with probability v rho^j): a
-        level alone can lose where the run it starts pays, for a confident draft is accepted in runs."""
-        now = self.rate(expected, drafting, nodes)
+    def pays(self, t, v, rho, width, value=0.0, nodes=0, seconds=0.0):
+        now, draft = self.rate(t, value, nodes, seconds), self.policy.draft
         for _ in range(K_MAX):
             v *= rho
-            expected, drafting, nodes, width = expected + v, drafting + self.p.draft.seconds(width), nodes + width, 1
-            if self.rate(expected, drafting, nodes) > now:
+            value, nodes, seconds, width = value + v, nodes + width, seconds + draft.seconds(width), 1
+            if self.rate(t, value, nodes, seconds) > now:
                 return True
         return False
 
-    def best_chain(self, reach, room, nodes=0):
-        """(j, rate): how many of `room` lookup tokens to hang below a node reached with
-        probability `reach`, the j-th accepted with reach * runs[j - 1], each one more target token."""
-        best_j, best, e = 0, self.rate(self.expected, self.drafting, nodes), self.expected
-        for j, run in enumerate(self.runs[:room], 1):
-            e += reach * run
-            if self.rate(e, self.drafting, nodes + j) > best:
-                best_j, best = j, self.rate(e, self.drafting, nodes + j)
-        return best_j, best
+    def best_run(self, t, tip, room):
+        """(j, rate): how many of `room` lookup tokens to hang below node tip, the j-th accepted
+        with v(tip) runs[j - 1], each one more node in the target's pass."""
+        values = [t.value(tip) * run for run in self.runs[:room]]
+        rates = [self.rate(t, sum(values[:j]), j) for j in range(len(values) + 1)]
+        j = max(range(len(rates)), key=lambda j: (rates[j], -j))
+        return j, rates[j]
 
-    def chain(self, t, tip, room):
-        return self.best_chain(self.values[tip], room, len(t.tokens))[0]
+    def lookup(self, t, tip, room):
+        return self.best_run(t, tip, room)[0]
 
-    def more(self, qs):
-        """Chain: whether to draft token len(qs) + 1 (values v_i = v_{i-1} min(1, c_i q_i))."""
-        k, v, vs = len(qs), 1.0, []
+    def more(self, q):
+        """Chain: whether to draft token len(q) + 1 (values v_i = v_{i-1} min(1, c_i q_i))."""
+        k, v, values = len(q), 1.0, []
         if k == 0 or k >= K_MAX:
             return k == 0
-        for i, q in enumerate(qs, 1):
-            v *= min(1.0, self.p.acceptance.c(i) * q)
-            vs.append(v)
-        return self.pays_on(1 + sum(vs), k * self.p.draft.seconds(1), k, v, min(1.0, self.p.acceptance.c(k + 1) * qs[-1]), 1)
+        for i, qi in enumerate(q, 1):
+            v *= min(1.0, self.policy.acceptance.c(i) * qi)
+            values.append(v)
+        chain = tree.Tree(levels=1)           # priced as the root's draft pass; K - 1 more one-token passes
+        return self.pays(chain, v, min(1.0, self.policy.acceptance.c(k + 1) * q[-1]), 1,
+                         sum(values), k, (k - 1) * self.policy.draft.seconds(1))

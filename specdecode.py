@@ -10,7 +10,8 @@ chain  the draft proposes K tokens one by one; ONE target forward scores all K+1
        plus one token of its own, so every step yields 1..K+1 tokens from the target's
        exact distribution.
 tree   the draft grows a token tree (tree.py); ONE target forward scores every node under
-       a tree attention mask; the longest accepted root-to-leaf path is kept.
+       a tree attention mask; verification walks down from the root and keeps the path it
+       accepts (it may stop at an inner node), plus one token of the target's.
 
 Verification is coupled by default (sampler.py): position t of the output races with
 exponentials drawn from (seed, t), so every mode emits exactly the tokens `ar` samples with
@@ -19,7 +20,11 @@ step is policy.py's to say.
 
 A run keeps one list `tokens` (prompt + output). Every cache holds a prefix of it; a
 forward feeds whatever the cache lacks, and rolling back is setting the cache length. The
-first step is the target's pass over the prompt, the same in every mode.
+target's pass over the prompt comes first (`prefill`), the same in every mode; every step
+after it is speculative, or a plain step where the plan does not draft.
+
+Reading order: the steps, then `generate`, then Options and Stats, the Python API, the
+command line.
 """
 import argparse
 import math
@@ -52,93 +57,7 @@ DRAFT_VOCAB = 32768        # FR-Spec's and EAGLE-3's draft vocabulary; Qwen's BP
 MIN_TEMPERATURE = 1e-6     # derived: logits of |x| <= 1e3 over it stay far inside float32 (3.4e38), so no NaN
 
 
-def whole(x):
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def finite(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-@dataclass
-class Settings:
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        """Refuse what would sample nonsense, for the command line and the Python API alike."""
-        if not finite(self.temperature) or self.temperature < 0:
-            raise SpecError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
-        if 0 < self.temperature < MIN_TEMPERATURE:
-            raise SpecError(f"temperature {self.temperature!r} is too small to sample with in float32 (logits / T "
-                            f"overflow): use 0 for greedy, or at least {MIN_TEMPERATURE}")
-        if not whole(self.top_k) or self.top_k < 0:
-            raise SpecError(f"top-k must be a whole number >= 0 (0 = off), got {self.top_k!r}")
-        if not finite(self.top_p) or not 0 < self.top_p <= 1:
-            raise SpecError(f"top-p must lie in (0, 1], got {self.top_p!r}")
-        if not whole(self.seed) or not 0 <= self.seed < 2 ** 63:
-            raise SpecError(f"seed must be a whole number in [0, 2^63), got {self.seed!r}")
-
-    def probs(self, logits):
-        return sampler.probs(logits, self.temperature, self.top_k, self.top_p)
-
-
-@dataclass
-class Stats:
-    mode: str = "ar"
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    ttft: float = 0.0            # seconds to the first new token (the prompt's pass)
-    seconds: float = 0.0
-    target_passes: int = 0
-    draft_passes: int = 0
-    drafted: int = 0             # tokens the target checked: K per chain step, nodes per tree
-    accepted: int = 0            # draft tokens the target kept
-    from_lookup: int = 0         # tree: of those, tokens only the lookup proposed
-    plain_steps: int = 0         # steps after the prompt's with no draft forward
-    ks: list = field(default_factory=list)   # K (chain) or accepted depth (tree) per step
-
-    def record(self, step):
-        t = step.tree
-        self.target_passes += 1
-        self.draft_passes += t.levels
-        self.drafted += len(t.tokens)
-        self.accepted += len(step.path)
-        self.from_lookup += sum(t.sources[i] == "lookup" for i in step.path)
-        if self.target_passes > 1:                   # the prompt's pass is no speculative step
-            self.plain_steps += not t.levels
-            self.ks.append(len(t.tokens) if self.mode == "chain" else len(step.path))
-
-    @property
-    def tokens_per_second(self):
-        return self.new_tokens / self.seconds if self.seconds else 0.0
-
-    @property
-    def tokens_per_pass(self):
-        return self.new_tokens / self.target_passes if self.target_passes else 0.0
-
-    @property
-    def acceptance(self):
-        return self.accepted / self.drafted if self.drafted else float("nan")
-
-    def line(self):
-        s = (f"{self.mode}: prompt {self.prompt_tokens} tokens, {self.new_tokens} new, "
-             f"first token {self.ttft:.2f} s, {self.tokens_per_second:.2f} tokens/s")
-        if self.mode != "ar":
-            s += (f", {self.target_passes} target passes, {self.tokens_per_pass:.2f} tokens/pass, "
-                  f"{self.draft_passes} draft passes, acceptance {self.acceptance:.2f}")
-        if self.mode == "tree":
-            s += (f", mean tree {self.drafted / max(1, self.target_passes):.1f} nodes, mean accepted depth "
-                  f"{sum(self.ks) / max(1, len(self.ks)):.2f}, accepted from lookup {self.from_lookup} / "
-                  f"from the draft {self.accepted - self.from_lookup}")
-        if self.mode == "chain" and self.ks:
-            s += f", mean K {sum(self.ks) / len(self.ks):.1f}"
-        if self.mode != "ar" and self.plain_steps:
-            s += f", steps without the draft {self.plain_steps}"
-        return s
-
+# ---------------------------------------------------------------------------- the steps
 
 @dataclass
 class Step:
@@ -151,7 +70,7 @@ class Step:
 
 @dataclass
 class Run:
-    """What a run mutates (the user's choices are Options): tokens, random streams, policy, stats."""
+    """What a run changes (the user's choices are Options): tokens, random streams, policy, stats."""
     tokens: list
     vocab: int
     device: object
@@ -175,64 +94,170 @@ def ar_step(target, draft, run, opts):
     return Step([int(sampler.draw(opts.settings.probs(logits), run.races.at(len(run.tokens))[0]))])
 
 
+def prefill(target, run, opts):
+    """The target's pass over the prompt, the same in every mode: the first new token."""
+    return ar_step(target, None, run, opts)
+
+
 def chain_step(target, draft, run, opts):
-    """Draft K tokens, verify K+1 positions in one target pass, keep what rejection sampling
-    (or coupled verification) keeps."""
-    plan, tokens, start = run.policy.plan(), run.tokens, len(run.tokens)
+    """Draft K tokens, verify K+1 positions in one target pass, accept what rejection sampling
+    (or coupled verification) keeps; a plain step where the plan does not draft."""
+    plan, prefix = run.policy.plan(), len(run.tokens)
     if not plan.drafts:
         return ar_step(target, draft, run, opts)
-    drafts, qs, qx = [], [], []             # qs: the draft's distributions; qx: q of each draft token
-    room = max(1, opts.max_new_tokens - (start - run.stats.prompt_tokens) - 1)   # more would never be emitted
-    while len(drafts) < room and plan.more(qx):   # draft: one token at a time, each drawn by its position's race
-        logits = feed(draft, tokens + drafts)[0, -1, :run.vocab]
+    # draft: one token at a time, each drawn by its position's race, no more than are still to come
+    drafts, qs, q_drafts = [], [], []        # qs: the draft's distributions; q_drafts: q of each draft token
+    room = max(1, opts.max_new_tokens - (prefix - run.stats.prompt_tokens) - 1)
+    while len(drafts) < room and plan.more(q_drafts):
+        logits = feed(draft, run.tokens + drafts)[0, -1, :run.vocab]
         q = opts.settings.probs(logits)
-        e = run.races.at(start + len(drafts))[0] if opts.verify == "coupled" else \
+        e = run.races.at(prefix + len(drafts))[0] if opts.verify == "coupled" else \
             sampler.exponentials(run.vocab, generator=run.generator, device=run.device, one_hot=opts.greedy)
         drafts.append(int(sampler.draw(q, e)))
         qs.append(q)
-        qx.append(float((q if opts.settings.temperature else sampler.probs(logits))[drafts[-1]]))
-    k = len(drafts)                         # verify: one target pass over the K + 1 positions
-    p, proposed = opts.settings.probs(feed(target, tokens, drafts, last=k + 1)[:, :, :run.vocab]), \
-        torch.tensor([drafts], device=run.device)
+        q_drafts.append(float(tree.proposal(opts.settings, logits)[drafts[-1]]))
+    # verify: ONE target pass over the K + 1 positions
+    k, proposed = len(drafts), torch.tensor([drafts], device=run.device)
+    p = opts.settings.probs(feed(target, run.tokens, drafts, last=k + 1)[:, :, :run.vocab])
     if opts.verify == "coupled":
-        out, n = sampler.coupled_sample(p, proposed, run.races.at(start, k + 1)[None])
+        out, n = sampler.coupled_sample(p, proposed, run.races.at(prefix, k + 1)[None])
     else:
         u, e = sampler.random_inputs(1, k, run.vocab, run.generator, run.device, one_hot=opts.greedy)
         out, n = sampler.rejection_sample(p, torch.stack(qs)[None], proposed, u, e)
-    n = int(n)                              # accept: n drafts and the target's token; roll the caches back
-    target.truncate(start + n)
-    draft.truncate(min(draft.length, start + n))
-    return Step(out[0, :n + 1].tolist(), tree.Tree.chain(drafts, qx), list(range(n)))
+    # accept: n draft tokens and the target's own; both caches roll back to them
+    n = int(n)
+    target.truncate(prefix + n)
+    draft.truncate(min(draft.length, prefix + n))
+    return Step(out[0, :n + 1].tolist(), tree.Tree.of_chain(drafts, q_drafts), list(range(n)))
 
 
 def tree_step(target, draft, run, opts):
     """Grow a token tree with the draft, verify it in one target pass, keep the accepted path."""
-    tokens, start = run.tokens, len(run.tokens)
+    tokens, prefix = run.tokens, len(run.tokens)
     guess, match = tree.continuation(tokens) if opts.lookup == "auto" else ([], 0)
     g = tree.Growth(opts.settings, opts.budget, run.vocab, run.generator,
-                    run.races if opts.verify == "coupled" else None, start, guess)
+                    run.races if opts.verify == "coupled" else None, prefix, guess)
     t = tree.grow(draft, tokens, run.policy.plan(guess, match), g)
     p = opts.settings.probs(tree.score(target, tokens, t)[0, :, :run.vocab])
     if opts.verify == "coupled":
-        path, new = tree.verify_coupled(t, p, run.races.at(start, max(t.depths, default=0) + 1))
+        path, new = tree.verify_coupled(t, p, run.races.at(prefix, max(t.depths, default=0) + 1))
     else:
         path, new = tree.verify(t, p, run.generator, one_hot=opts.greedy)
-    tree.compact(target, draft, start, t, path)
+    tree.compact(target, draft, prefix, t, path)
     return Step([t.tokens[i] for i in path] + [new], t, path)
 
 
 STEPS = {"ar": ar_step, "chain": chain_step, "tree": tree_step}
 
 
+# ---------------------------------------------------------------------------- generate
+
+def generate(prompt_ids, target, draft, opts: "Options", on_tokens=None):
+    """Generate up to opts.max_new_tokens after prompt_ids. target/draft: (model, tokenizer).
+    Returns (new token ids, Stats)."""
+    run = new_run(prompt_ids, target, draft, opts)
+    model, draft, stats, out = target[0], draft and draft[0], run.stats, []
+    t0 = time.perf_counter()
+    step = prefill(model, run, opts)
+    stats.ttft = time.perf_counter() - t0
+    while True:
+        run.tokens.extend(step.tokens)
+        stop = next((i for i, x in enumerate(step.tokens) if x in target[1].stop_ids), None)
+        out += step.tokens[:stop][:opts.max_new_tokens - len(out)]
+        if on_tokens:
+            on_tokens(out)
+        if stop is not None or len(out) == opts.max_new_tokens:
+            break
+        step = STEPS[opts.mode](model, draft, run, opts)
+        run.policy.observe(step)
+        stats.record(step)
+        if opts.on_tree and opts.mode == "tree":
+            opts.on_tree(step.tree, step.path, step.tokens[-1])
+    stats.seconds, stats.new_tokens = time.perf_counter() - t0, len(out)
+    return out, stats
+
+
+def new_run(prompt_ids, target, draft, opts: "Options"):
+    """Check the request against the models, make its caches (and, for an auto mode, its policy), and its Run."""
+    model, tok = target
+    if not prompt_ids:
+        raise SpecError("no prompt token ids")
+    if opts.mode != "ar" and draft is None:
+        raise SpecError(f"--mode {opts.mode} needs a draft model")
+    vocab = max(tok.vocab().values()) + 1
+    bad = [i for i in prompt_ids if not (whole(i) and 0 <= i < min(vocab, model.config.vocab_size))]
+    if bad:
+        raise SpecError(f"the prompt's token ids must be whole numbers in [0, {vocab}), got {bad[0]!r}")
+    need, context = len(prompt_ids) + opts.max_new_tokens, model.config.max_seq_len
+    if draft is not None:
+        context = min(context, draft[0].config.max_seq_len)
+    if need + 1 > context:
+        raise SpecError(f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {opts.max_new_tokens} "
+                        f"exceed the model's context of {context} tokens")
+    if need + opts.headroom > context:
+        widest = {"chain": f"--k {opts.k}", "tree": f"--max-total-nodes {opts.budget.max_total_nodes}"}[opts.mode]
+        raise SpecError(f"{widest}: a step's widest pass ({opts.headroom} tokens) does not fit the model's context "
+                        f"of {context} after the prompt ({len(prompt_ids)} tokens) and --max-new-tokens "
+                        f"{opts.max_new_tokens}")
+    if opts.auto:
+        chooser = policy.Auto(policy.costs(model, "target"), policy.costs(draft[0], "draft"))
+    else:
+        chooser = policy.Fixed(opts.k)
+    for m in (model, draft and draft[0]):
+        if m is not None:
+            m.setup_cache(need + opts.headroom)
+    if draft is not None:                   # the draft proposes from its commonest tokens, the prompt's, and the stops
+        draft[0].restrict_head([*range(DRAFT_VOCAB), *prompt_ids, *tok.stop_ids])
+    return Run(list(prompt_ids), vocab, model.device,
+               torch.Generator(device=model.device).manual_seed(opts.settings.seed),
+               sampler.Races(opts.settings.seed, vocab, model.device, one_hot=opts.greedy), chooser,
+               Stats(mode=opts.mode, prompt_tokens=len(prompt_ids)))
+
+
+# ---------------------------------------------------------------------------- options and stats
+
+def whole(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class Settings:
+    """How tokens are sampled (the same for every mode); checked when made."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not finite(self.temperature) or self.temperature < 0:
+            raise SpecError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise SpecError(f"temperature {self.temperature!r} is too small to sample with in float32 (logits / T "
+                            f"overflow): use 0 for greedy, or at least {MIN_TEMPERATURE}")
+        if not whole(self.top_k) or self.top_k < 0:
+            raise SpecError(f"top-k must be a whole number >= 0 (0 = off), got {self.top_k!r}")
+        if not finite(self.top_p) or not 0 < self.top_p <= 1:
+            raise SpecError(f"top-p must lie in (0, 1], got {self.top_p!r}")
+        if not whole(self.seed) or not 0 <= self.seed < 2 ** 63:
+            raise SpecError(f"seed must be a whole number in [0, 2^63), got {self.seed!r}")
+
+    def probs(self, logits):
+        return sampler.probs(logits, self.temperature, self.top_k, self.top_p)
+
+
 @dataclass
 class Options:
-    """The user's choices for one generate() call; generate never writes them."""
+    """The user's choices for one generate() call, checked when made; generate never writes them."""
     mode: str = "tree"
     settings: Settings = field(default_factory=Settings)
     max_new_tokens: int = 128
     k: object = "auto"                      # chain: int or "auto"
     budget: tree.Budget = field(default_factory=tree.Budget)
-    tree_size: str = "auto"                 # tree: "auto" (policy.Auto) or "fixed" (fill the budgets)
+    sizing: str = "auto"                    # trees: "auto" (policy.Auto) or "fixed" (fill the budgets)
     verify: str = "coupled"                 # "coupled" (a seed reproduces ar's sample) or "rejection"
     lookup: str = "auto"                    # tree: "auto" (lookup candidates where they pay) or "off"
     on_tree: object = None                  # callback(tree, accepted path, emitted token) per tree step
@@ -243,7 +268,7 @@ class Options:
 
     @property
     def auto(self):
-        return (self.mode == "chain" and self.k == "auto") or (self.mode == "tree" and self.tree_size == "auto")
+        return (self.mode == "chain" and self.k == "auto") or (self.mode == "tree" and self.sizing == "auto")
 
     @property
     def headroom(self):
@@ -252,32 +277,99 @@ class Options:
         k = min(policy.K_MAX if self.k == "auto" else self.k, self.max_new_tokens)
         return {"ar": 1, "chain": k + 1, "tree": self.budget.max_total_nodes + 1}[self.mode]
 
-    def check(self):
+    def __post_init__(self):
         """Refuse options that make no sense, before any model loads; one line each."""
         if self.mode not in STEPS:
             raise SpecError(f"mode must be one of {', '.join(STEPS)}, got {self.mode!r}")
+        if not isinstance(self.settings, Settings):
+            raise SpecError(f"settings must be a specdecode.Settings, got {self.settings!r}")
         if not whole(self.max_new_tokens) or self.max_new_tokens < 1:
             raise SpecError(f"max-new-tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
         if self.k != "auto" and (not whole(self.k) or self.k < 1):
-            raise SpecError(f"k must be a whole number >= 1 or 'auto', got {self.k!r}")
-        for name, value, allowed in (("tree_size", self.tree_size, ("auto", "fixed")),
+            raise SpecError(f"--k must be a whole number >= 1 or 'auto', got {self.k!r}")
+        for name, value, allowed in (("sizing (--tree)", self.sizing, ("auto", "fixed")),
                                      ("lookup", self.lookup, ("auto", "off")),
                                      ("verify", self.verify, ("coupled", "rejection"))):
             if value not in allowed:
                 raise SpecError(f"{name} must be {' or '.join(map(repr, allowed))}, got {value!r}")
-        b = self.budget
-        if not isinstance(b, tree.Budget):
-            raise SpecError(f"budget must be a tree.Budget, got {b!r}")
-        for name in ("max_depth", "max_nodes_per_level", "max_total_nodes", "branch"):
-            if not whole(getattr(b, name)) or getattr(b, name) < 1:
-                raise SpecError(f"{name.replace('_', '-')} must be a whole number >= 1, got {getattr(b, name)!r}")
-        if b.branch > 15:
-            raise SpecError("branch must be at most 15 (the CUDA tree sampler takes 16 candidates a node, "
-                            "one of them a lookup token)")
-        if not finite(b.max_time) or b.max_time <= 0:
-            raise SpecError(f"max-time must be a finite number of seconds > 0, got {b.max_time!r}")
-        if b.prune not in ("best", "random") or b.children not in ("auto", "top-k", "sample"):
-            raise SpecError(f"prune must be best|random and children auto|top-k|sample, got {b.prune!r}, {b.children!r}")
+        check_budget(self.budget)
+
+
+def check_budget(b):
+    if not isinstance(b, tree.Budget):
+        raise SpecError(f"budget must be a tree.Budget, got {b!r}")
+    for name in ("max_depth", "max_nodes_per_level", "max_total_nodes", "branch"):
+        if not whole(getattr(b, name)) or getattr(b, name) < 1:
+            raise SpecError(f"{name.replace('_', '-')} must be a whole number >= 1, got {getattr(b, name)!r}")
+    if b.branch > sampler.MAX_CANDIDATES - 1:            # a node's candidates: its branch, and a lookup token
+        raise SpecError(f"branch must be at most {sampler.MAX_CANDIDATES - 1} (a node's candidates and a lookup "
+                        f"token fill the {sampler.MAX_CANDIDATES} the tree sampler takes)")
+    if not finite(b.max_time) or b.max_time <= 0:
+        raise SpecError(f"max-time must be a finite number of seconds > 0, got {b.max_time!r}")
+    if b.prune not in ("best", "random") or b.children not in ("auto", "top-k", "sample"):
+        raise SpecError(f"prune must be best|random and children auto|top-k|sample, got {b.prune!r}, {b.children!r}")
+
+
+@dataclass
+class Stats:
+    mode: str = "ar"
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    ttft: float = 0.0            # seconds to the first new token (the prompt's pass)
+    seconds: float = 0.0
+    target_passes: int = 1       # the prompt's, then one a step
+    draft_passes: int = 0
+    from_lookup: int = 0         # tree: accepted tokens only the lookup proposed
+    plain_steps: int = 0         # steps with no draft forward
+    drafted_per_step: list = field(default_factory=list)    # tokens the target checked: K (chain), nodes (tree)
+    accepted_per_step: list = field(default_factory=list)   # draft tokens the target kept (a tree's accepted depth)
+
+    def record(self, step):
+        """A step after the prompt's pass."""
+        t = step.tree
+        self.target_passes += 1
+        self.draft_passes += t.levels
+        self.from_lookup += sum(t.sources[i] == "lookup" for i in step.path)
+        self.plain_steps += not t.levels
+        self.drafted_per_step.append(len(t.tokens))
+        self.accepted_per_step.append(len(step.path))
+
+    @property
+    def drafted(self):
+        return sum(self.drafted_per_step)
+
+    @property
+    def accepted(self):
+        return sum(self.accepted_per_step)
+
+    @property
+    def tokens_per_second(self):
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_pass(self):
+        return self.new_tokens / self.target_passes
+
+    @property
+    def acceptance(self):
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    def line(self):
+        mean = lambda xs: sum(xs) / max(1, len(xs))
+        s = (f"{self.mode}: prompt {self.prompt_tokens} tokens, {self.new_tokens} new, "
+             f"first token {self.ttft:.2f} s, {self.tokens_per_second:.2f} tokens/s")
+        if self.mode != "ar":
+            s += (f", {self.target_passes} target passes, {self.tokens_per_pass:.2f} tokens/pass, "
+                  f"{self.draft_passes} draft passes, acceptance {self.acceptance:.2f}")
+        if self.mode == "tree":
+            s += (f", mean tree {mean(self.drafted_per_step):.1f} nodes, mean accepted depth "
+                  f"{mean(self.accepted_per_step):.2f}, accepted from lookup {self.from_lookup} / "
+                  f"from the draft {self.accepted - self.from_lookup}")
+        if self.mode == "chain" and self.drafted_per_step:
+            s += f", mean K {mean(self.drafted_per_step):.1f}"
+        if self.mode != "ar" and self.plain_steps:
+            s += f", steps without the draft {self.plain_steps}"
+        return s
 
 
 def check_device(device):
@@ -298,73 +390,10 @@ def check_pair(target, draft):
         raise SpecError("the draft and target models use different tokenizers: pick a draft of the target's family")
 
 
-def generate(prompt_ids, target, draft, opts: Options, on_tokens=None):
-    """Generate up to opts.max_new_tokens after prompt_ids. target/draft: (model, tokenizer).
-    Returns (new token ids, Stats)."""
-    run = start(prompt_ids, target, draft, opts)
-    model, draft, stats, out = target[0], draft and draft[0], run.stats, []
-    t0 = time.perf_counter()
-    while len(out) < opts.max_new_tokens:
-        step = (STEPS[opts.mode] if out else ar_step)(model, draft, run, opts)   # first: the prompt's pass
-        run.policy.observe(step)
-        stats.record(step)
-        if opts.on_tree and opts.mode == "tree" and out:
-            opts.on_tree(step.tree, step.path, step.tokens[-1])
-        run.tokens.extend(step.tokens)
-        stop = next((i for i, t in enumerate(step.tokens) if t in target[1].stop_ids), None)
-        stats.ttft = stats.ttft or time.perf_counter() - t0
-        out += step.tokens[:stop][:opts.max_new_tokens - len(out)]
-        if on_tokens:
-            on_tokens(out)
-        if stop is not None:
-            break
-    stats.seconds, stats.new_tokens = time.perf_counter() - t0, len(out)
-    return out, stats
-
-
-def start(prompt_ids, target, draft, opts: Options):
-    """Check the request, make its caches (and, for an auto mode, its policy), and its Run."""
-    model, tok = target
-    opts.check()
-    if not prompt_ids:
-        raise SpecError("the prompt is empty")
-    if opts.mode != "ar" and draft is None:
-        raise SpecError(f"--mode {opts.mode} needs a draft model")
-    vocab = max(tok.vocab().values()) + 1
-    bad = [i for i in prompt_ids if not (whole(i) and 0 <= i < min(vocab, model.config.vocab_size))]
-    if bad:
-        raise SpecError(f"the prompt's token ids must be whole numbers in [0, {vocab}), got {bad[0]!r}")
-    need, context = len(prompt_ids) + opts.max_new_tokens, model.config.max_seq_len
-    if draft is not None:
-        context = min(context, draft[0].config.max_seq_len)
-    if need + 1 > context:
-        raise SpecError(f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {opts.max_new_tokens} "
-                        f"exceed the model's context of {context} tokens")
-    if need + opts.headroom > context:
-        widest = {"chain": f"--k {opts.k}", "tree": f"--max-total-nodes {opts.budget.max_total_nodes}"}[opts.mode]
-        raise SpecError(f"{widest}: a step's widest pass ({opts.headroom} tokens) does not fit the model's context "
-                        f"of {context} after the prompt ({len(prompt_ids)} tokens) and --max-new-tokens "
-                        f"{opts.max_new_tokens}")
-    need += opts.headroom
-    if opts.auto:
-        chooser = policy.Auto(policy.costs(model, "target"), policy.costs(draft[0], "draft"))
-    else:
-        chooser = policy.Fixed(opts.budget, opts.k)
-    for m in (model, draft and draft[0]):
-        if m is not None:
-            m.setup_cache(need)
-    if draft is not None:                   # the draft proposes from its commonest tokens, the prompt's, and the stops
-        draft[0].restrict_head([*range(DRAFT_VOCAB), *prompt_ids, *tok.stop_ids])
-    return Run(list(prompt_ids), vocab, model.device,
-               torch.Generator(device=model.device).manual_seed(opts.settings.seed),
-               sampler.Races(opts.settings.seed, vocab, model.device, one_hot=opts.greedy), chooser,
-               Stats(mode=opts.mode, prompt_tokens=len(prompt_ids)))
-
-
-_loaded = {}
-
+# ---------------------------------------------------------------------------- the Python API
 
 QUANTS = ("auto", "none", "int4")
+_loaded = {}
 
 
 def load_pair(target, draft=None, device="cpu", dtype=torch.bfloat16, quant="auto"):
@@ -388,14 +417,14 @@ def load_pair(target, draft=None, device="cpu", dtype=torch.bfloat16, quant="aut
 def speculative_decode(prompt, target=weights.DEMO_TARGET, draft=weights.DEMO_DRAFT, chat=True,
                        device="cpu", dtype=torch.bfloat16, quant="auto", on_text=None, **options):
     """Python entry point: text and Stats for a prompt. `options` are Options fields
-    (mode, max_new_tokens, k, tree_size, budget, on_tree) and Settings fields (temperature, top_k, top_p, seed)."""
+    (mode, max_new_tokens, k, sizing, budget, verify, lookup, on_tree) and Settings fields
+    (temperature, top_k, top_p, seed). Everything is checked before a model loads."""
     setting_names, option_names = set(Settings.__dataclass_fields__), set(Options.__dataclass_fields__)
     unknown = set(options) - setting_names - option_names
     if unknown:
         raise SpecError(f"unknown option(s): {', '.join(sorted(unknown))}")
     settings = Settings(**{k: v for k, v in options.items() if k in setting_names})
     opts = Options(settings=settings, **{k: v for k, v in options.items() if k not in setting_names})
-    opts.check()
     check_device(device)
     if quant not in QUANTS:
         raise SpecError(f"quant must be one of {', '.join(QUANTS)}, got {quant!r}")
@@ -414,9 +443,10 @@ def speculative_decode(prompt, target=weights.DEMO_TARGET, draft=weights.DEMO_DR
 
 
 def enhanced_speculative_decode(prompt, max_tokens=13, max_nodes_per_level=25, max_total_nodes=200, max_time=10):
-    """The tree paper's call: tree decoding with its budgets on the demo pair; returns the text."""
+    """The call of the tree paper ("Tree-Based Speculative Decoding with Adaptive Branching for
+    Automated GPU Kernel Generation"): tree decoding with its budgets on the demo pair; the text."""
     budget = tree.Budget(max_nodes_per_level=max_nodes_per_level, max_total_nodes=max_total_nodes, max_time=max_time)
-    text, _ = speculative_decode(prompt, mode="tree", tree_size="fixed", budget=budget, max_new_tokens=max_tokens)
+    text, _ = speculative_decode(prompt, mode="tree", sizing="fixed", budget=budget, max_new_tokens=max_tokens)
     return text
 
 
@@ -434,6 +464,8 @@ class Stream:
         self.write(text[self.done:])
         self.done = len(text)
 
+
+# ---------------------------------------------------------------------------- the command line
 
 PICTURES = (".png", ".svg", ".pdf")        # what --viz writes (matplotlib's formats by name)
 
@@ -484,15 +516,11 @@ def parser():
 
 
 def parse_args(argv):
-    """The flags, checked before any model loads."""
+    """The flags (the command line's own checks; speculative_decode checks the rest before any model loads)."""
     a = parser().parse_args(argv)
-    if a.k != "auto":
-        if not a.k.lstrip("-").isdigit() or int(a.k) < 1:
-            raise SpecError(f"--k must be a whole number >= 1 or 'auto', got '{a.k}'")
-        a.k = int(a.k)
+    a.k = int(a.k) if a.k.lstrip("-").isdigit() else a.k          # (Options refuses what is neither)
     if (a.viz or a.viz_dir) and a.mode != "tree":
         raise SpecError("--viz and --viz-dir draw token trees: use them with --mode tree")
-    check_device(a.device)
     if a.viz:
         viz = Path(a.viz).expanduser()
         if viz.is_dir():
@@ -532,7 +560,7 @@ def main(argv=None):
     text, stats = speculative_decode(
         prompt, target=a.target, draft=a.draft, chat=not a.raw, device=a.device, dtype=getattr(torch, a.dtype),
         quant=a.quant, on_text=lambda s: print(s, end="", flush=True), mode=a.mode, max_new_tokens=a.max_new_tokens,
-        k=a.k, tree_size=a.tree, verify=a.verify, lookup=a.lookup, budget=budget, on_tree=on_tree,
+        k=a.k, sizing=a.tree, verify=a.verify, lookup=a.lookup, budget=budget, on_tree=on_tree,
         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     print()
     print(stats.line(), file=sys.stderr)

@@ -260,9 +260,10 @@ def random_tree(n, seed):
     t = tree.Tree()
     for i in range(n):
         parent = int(torch.randint(-1, i, (1,), generator=g)) if i else -1
+        parent = tree.ROOT if parent < 0 else parent
         t.tokens.append(int(torch.randint(0, 32, (1,), generator=g)))
         t.parents.append(parent)
-        t.depths.append(1 + (t.depths[parent] if parent >= 0 else 0))
+        t.depths.append(1 + t.depth(parent))
     return t
 
 
@@ -276,7 +277,7 @@ def test_tree_mask_equals_each_path_alone(tmp_path, seed):
     together = tree.score(m, prefix, t)[0]           # root, then every node
     for i in range(len(t.tokens)):
         path, node = [], i
-        while node >= 0:
+        while node is not tree.ROOT:
             path.insert(0, t.tokens[node])
             node = t.parents[node]
         m.setup_cache(64)
@@ -304,15 +305,15 @@ def test_a_position_s_logits_do_not_depend_on_the_width_of_the_pass(tmp_path, dt
         t = random_tree(W, W)
         m.truncate(90)
         together = tree.score(m, prefix, t)[0]         # the root (the last token), then every node
-        for i in range(-1, W):
+        for i in [tree.ROOT, *range(W)]:
             path, node = [], i
-            while node >= 0:
+            while node is not tree.ROOT:
                 path.insert(0, t.tokens[node])
                 node = t.parents[node]
             m.truncate(90)
             for x in prefix[-1:] + path:
                 alone = m(torch.tensor([[x]]))[0, -1]
-            assert torch.equal(together[i + 1], alone), (W, i)
+            assert torch.equal(together[tree.row(i)], alone), (W, i)
 
 
 def test_compact_keeps_the_accepted_path(tmp_path):
@@ -321,7 +322,7 @@ def test_compact_keeps_the_accepted_path(tmp_path):
     t = random_tree(6, 3)
     m.setup_cache(32)
     tree.score(m, prefix, t)
-    path = [i for i in range(6) if t.parents[i] == -1][:1]
+    path = [i for i in range(6) if t.parents[i] is tree.ROOT][:1]
     path += [i for i in range(6) if t.parents[i] == path[0]][:1]
     m.compact(len(prefix), torch.tensor(path))
     after = m(torch.tensor([[5]]))[0, -1]
@@ -346,10 +347,10 @@ def test_greedy_chain_and_tree_equal_target_greedy(pair, prompt):
     budgets = [tree.Budget(), tree.Budget(max_depth=3, branch=2, max_nodes_per_level=3), tree.Budget(max_total_nodes=1)]
     for budget in budgets:
         for size in ("auto", "fixed"):
-            assert run(target, draft, prompt, "tree", budget=budget, tree_size=size, max_new_tokens=30)[0] == want
+            assert run(target, draft, prompt, "tree", budget=budget, sizing=size, max_new_tokens=30)[0] == want
     for prune in ("random", "best"):
         assert run(target, draft, prompt, "tree", budget=tree.Budget(prune=prune, max_nodes_per_level=2),
-                   tree_size="fixed", max_new_tokens=30)[0] == want
+                   sizing="fixed", max_new_tokens=30)[0] == want
 
 
 def test_int4_draft_keeps_greedy_exact(tmp_path):
@@ -396,7 +397,7 @@ def test_a_draft_over_a_smaller_vocabulary_never_proposes_outside_it_and_keeps_t
 def test_draft_equal_to_target_accepts_everything(tmp_path):
     folder = tiny_model(tmp_path, vocab=16, scale=2.0)
     out, stats = run(load(folder), load(folder), [1, 2], "chain", k=4, max_new_tokens=40)
-    assert stats.acceptance == 1.0 and stats.ks == [4] * 7 + [3] and stats.target_passes == 1 + 8   # the prompt's,
+    assert stats.acceptance == 1.0 and stats.accepted_per_step == [4] * 7 + [3] and stats.target_passes == 1 + 8   # the prompt's,
     # then 5 a pass; the last step drafts only the 3 tokens that can still be emitted before its own
 
 
@@ -420,12 +421,12 @@ def test_coupled_decoding_samples_what_ar_samples(pair, temperature, top_p, monk
             assert run(target, draft, [3, 1], "chain", k=k, **kw)[0] == want
         for size in ("auto", "fixed"):
             for budget in (tree.Budget(), small):
-                assert run(target, draft, [3, 1], "tree", tree_size=size, budget=budget, **kw)[0] == want
+                assert run(target, draft, [3, 1], "tree", sizing=size, budget=budget, **kw)[0] == want
 
 
 def step_of(n_tokens, levels=1, nodes=1):
     """A Step record as a policy sees it: n tokens emitted, a chain of `nodes` drafted."""
-    t = tree.Tree.chain([1] * nodes, [0.5] * nodes)
+    t = tree.Tree.of_chain([1] * nodes, [0.5] * nodes)
     t.levels = levels
     return sd.Step([0] * n_tokens, t, list(range(min(n_tokens - 1, nodes))))
 
@@ -492,7 +493,7 @@ def test_lookup_counts_per_match_length_give_the_chance_of_each_run():
     Beta(accepted, judged - accepted), as sampling r says."""
     rates = policy.LookupRates()
     assert rates.runs(3, 2) == pytest.approx([0.25, 0.25 * 1.25 / 2])
-    t = tree.Tree(tokens=[9, 1, 7], parents=[-1, 0, -1], depths=[1, 2, 1], q=[0.5, float("nan"), 0.3],
+    t = tree.Tree(tokens=[9, 1, 7], parents=[tree.ROOT, 0, tree.ROOT], depths=[1, 2, 1], q=[0.5, float("nan"), 0.3],
                   sources=["both", "lookup", "draft"])
     rates.observe(t, [0], 3)                                   # 9 accepted, then 1 rejected
     assert rates.counts[3] == pytest.approx([0.225 + 1, 0.9 + 2]) and rates.counts[2] == [0.25, 1.0]
@@ -510,7 +511,7 @@ def test_acceptance_is_calibrated_per_depth_on_the_judged_tokens():
     from a prior of 1 / 1); tokens under a rejected parent, and lookup tokens (nan q), are not judged."""
     a = policy.Acceptance()
     assert a.c(1) == 1.0 and a.c(20) == 1.0
-    t = tree.Tree(tokens=[5, 6, 7, 8], parents=[-1, -1, 0, 1], depths=[1, 1, 2, 2], q=[0.5, 0.25, 0.5, 0.9],
+    t = tree.Tree(tokens=[5, 6, 7, 8], parents=[tree.ROOT, tree.ROOT, 0, 1], depths=[1, 1, 2, 2], q=[0.5, 0.25, 0.5, 0.9],
                   sources=["draft"] * 4)
     a.observe(t, [0])                                           # 5 accepted; 6 rejected; 7 judged, 8 not
     assert a.counts[1] == pytest.approx([1.0 + 1, 1.0 + 0.75]) and a.counts[2] == pytest.approx([1.0, 1.5])
@@ -535,7 +536,7 @@ def test_a_lookup_only_step_is_the_continuation_as_a_chain_from_the_root(pair):
     depth: no draft forward."""
     draft = pair[1]
     p = policy.Auto(policy.Costs((1, 32), (1.0, 1.1)), policy.Costs((1, 32), (0.5, 0.5)))
-    p.lookup.counts[3] = [9.0, 10.0]
+    p.lookups.counts[3] = [9.0, 10.0]
     for _ in range(policy.RECENT):
         p.observe(step_of(1))
     tokens = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3]
@@ -544,9 +545,9 @@ def test_a_lookup_only_step_is_the_continuation_as_a_chain_from_the_root(pair):
     draft.setup_cache(64)
     t = tree.grow(draft, tokens, plan, tree.Growth(sd.Settings(), tree.Budget(), 16, None, None, len(tokens), guess))
     assert not plan.drafts and draft.length == 0 and t.levels == 0
-    assert t.tokens == [4, 5, 6, 7, 1, 2, 3] and t.parents == [-1, 0, 1, 2, 3, 4, 5] and t.depths == [1, 2, 3, 4, 5, 6, 7]
+    assert t.tokens == [4, 5, 6, 7, 1, 2, 3] and t.parents == [tree.ROOT, 0, 1, 2, 3, 4, 5] and t.depths == [1, 2, 3, 4, 5, 6, 7]
     assert set(t.sources) == {"lookup"} and all(math.isnan(q) for q in t.q)
-    assert [[c.token for c in t.candidates[i]] for i in range(-1, 7)] == [[4], [5], [6], [7], [1], [2], [3], []]
+    assert [[c.token for c in t.candidates[i]] for i in [tree.ROOT, *range(7)]] == [[4], [5], [6], [7], [1], [2], [3], []]
 
 
 def test_lookup_only_steps_keep_the_output_and_the_caches(pair, monkeypatch):
@@ -562,7 +563,6 @@ def test_lookup_only_steps_keep_the_output_and_the_caches(pair, monkeypatch):
         def forced(self, *a):
             p = plan(self, *a)
             p.drafts = next(flips)
-            p.drafting = self.draft.seconds(1)
             return p
         monkeypatch.setattr(policy.Auto, "plan", forced)
         want, _ = run(target, None, [3, 1, 3], "ar", temperature=temperature, seed=5, max_new_tokens=40)
@@ -578,7 +578,7 @@ def test_lookup_only_steps_keep_the_output_and_the_caches(pair, monkeypatch):
 def test_one_node_tree_is_autoregressive(pair):
     target, draft = pair
     want, _ = run(target, None, [4, 2], "ar", max_new_tokens=12)
-    out, stats = run(target, draft, [4, 2], "tree", budget=tree.Budget(max_total_nodes=1), tree_size="fixed",
+    out, stats = run(target, draft, [4, 2], "tree", budget=tree.Budget(max_total_nodes=1), sizing="fixed",
                      max_new_tokens=12)
     assert out == want and stats.drafted <= stats.target_passes
 
@@ -587,14 +587,14 @@ def test_tree_budgets_hold(pair):
     target, draft = pair
     budget = tree.Budget(max_depth=5, max_nodes_per_level=3, max_total_nodes=10, branch=4)
     sizes = []
-    run(target, draft, [1, 2], "tree", budget=budget, tree_size="fixed", max_new_tokens=20,
+    run(target, draft, [1, 2], "tree", budget=budget, sizing="fixed", max_new_tokens=20,
         on_tree=lambda t, path, new: sizes.append(t))
     for t in sizes:
         assert len(t.tokens) <= 10 and max(t.depths) <= 5
         assert all(t.depths.count(d) <= 3 for d in set(t.depths))
     target.setup_cache(64)
     budget = tree.Budget(max_time=1e-9)
-    slow = tree.grow(target, [1, 2], policy.Fixed(budget).plan(),
+    slow = tree.grow(target, [1, 2], policy.Fixed().plan(),
                      tree.Growth(sd.Settings(), budget, 16, torch.Generator(), None, 2, []))
     assert slow.levels == 1                          # max_time: one level, then stop
 
@@ -848,13 +848,13 @@ def small_tree(children, g, V=8):
     exp = lambda n: torch.empty(n, V).exponential_(generator=g)
     t = tree.Tree()
     if drawn:
-        t.dists[-1] = q1
+        t.dists[tree.ROOT] = q1
     made = [tree.Candidate(c, 0, 0, point=not drawn)
             for c in (sampler.draw(q1.expand(3, V), exp(3)) if drawn else q1.topk(3).indices).tolist()]
-    t.candidates[-1] = [tree.Candidate(int(q1.argmin()), 0, 0, source="lookup")] * mixed + made
-    for c in t.candidates[-1]:
+    t.candidates[tree.ROOT] = [tree.Candidate(int(q1.argmin()), 0, 0, source="lookup")] * mixed + made
+    for c in t.candidates[tree.ROOT]:
         if c.token not in t.tokens:
-            t.add(-1, c, 1)
+            t.add(tree.ROOT, c, 1)
     for i, c in enumerate(list(t.tokens)):
         grand = sampler.draw(q2[c].expand(2, V), exp(2)) if drawn else q2[c].topk(2).indices
         t.candidates[i] = [tree.Candidate(int(q2[c].argmin()), 0, 0, source="lookup")] * mixed + [
@@ -918,12 +918,12 @@ def coupled_tree(g, V=8):
     p1, q1, p2, q2 = chain_distributions(V)
     e = sampler.exponentials(2, V, generator=g)
     t = tree.Tree()
-    t.candidates[-1] = []
-    for c in tree.children(q1, 3, False, e[0]):
-        t.candidates[-1].append(tree.Candidate(c, 0, 0, node=len(t.tokens)))
-        t.tokens.append(c), t.parents.append(-1), t.depths.append(1)
+    t.candidates[tree.ROOT] = []
+    for c in tree.propose(q1, 3, False, e[0]):
+        t.candidates[tree.ROOT].append(tree.Candidate(c, 0, 0, node=len(t.tokens)))
+        t.tokens.append(c), t.parents.append(tree.ROOT), t.depths.append(1)
     for i, c in enumerate(list(t.tokens)):
-        t.candidates[i] = [tree.Candidate(x, 0, 0) for x in tree.children(q2[c], 2, False, e[1])]
+        t.candidates[i] = [tree.Candidate(x, 0, 0) for x in tree.propose(q2[c], 2, False, e[1])]
     return t, torch.stack([p1] + [p2[c] for c in t.tokens]), e
 
 
@@ -963,7 +963,7 @@ def test_sampled_decoding_loop_follows_the_target(pair, mode, verify):
     for seed in range(1500):
         out, _ = run(target, draft, prompt, mode, temperature=1.0, seed=seed, max_new_tokens=2, k=2, verify=verify,
                      lookup="auto",
-                     budget=tree.Budget(max_depth=2, branch=2, max_nodes_per_level=3), tree_size="fixed")
+                     budget=tree.Budget(max_depth=2, branch=2, max_nodes_per_level=3), sizing="fixed")
         counts[out[0], out[1]] += 1
     def next_probs(ids):
         target.setup_cache(8)
@@ -1014,14 +1014,14 @@ def test_tree_picture(tmp_path, pair):
     target, draft = pair
     steps = []
     run(target, draft, [1, 2], "tree", budget=tree.Budget(max_depth=3, branch=3, max_nodes_per_level=5),
-        tree_size="fixed", max_new_tokens=10, on_tree=lambda t, path, new: steps.append((t, path, new)))
+        sizing="fixed", max_new_tokens=10, on_tree=lambda t, path, new: steps.append((t, path, new)))
     t, path, new = max(steps, key=lambda s: len(s[0].tokens))
     png = tmp_path / "tree.png"
     nodes, pruned, statuses = tree.render(t, path, new, None, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert nodes == len(t.tokens) and statuses.count("accepted") == len(path)
     assert pruned == sum(c.node is None for cs in t.candidates.values() for c in cs)
-    assert statuses.count("rejected") == sum(1 for i, par in enumerate(t.parents) if par in {-1, *path} and i not in path)
+    assert statuses.count("rejected") == sum(1 for i, par in enumerate(t.parents) if par in {tree.ROOT, *path} and i not in path)
     gif = tree.render_all(steps[:3], None, tmp_path / "frames")
     assert gif.is_file() and len(list((tmp_path / "frames").glob("step_*.png"))) == 3
 
@@ -1113,7 +1113,7 @@ def test_bad_flags_and_prompts(tmp_path):
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_p=0), dict(top_k=-2),
                                  dict(max_new_tokens=-5), dict(mode="beam"), dict(seed=2 ** 70), dict(k=0),
                                  dict(budget=tree.Budget(branch=17)), dict(budget=tree.Budget(max_time=float("nan"))),
-                                 dict(tree_size="huge"), dict(device="xyz"), dict(quant="int3"), dict(nonsense=1),
+                                 dict(sizing="huge"), dict(device="xyz"), dict(quant="int3"), dict(nonsense=1),
                                  dict(verify="maybe"), dict(budget="big"), dict(temperature=1e-300)])
 def test_python_api_refuses_bad_options_before_loading(bad, monkeypatch):
     """The API checks what the command line checks, before any model loads."""
@@ -1383,7 +1383,7 @@ def test_demo_pair_every_mode_emits_ar_s_tokens(demo_pair, temperature):
     opts = lambda **kw: sd.Options(max_new_tokens=24, settings=sd.Settings(temperature=temperature, seed=7), **kw)
     want, _ = sd.generate(ids, target, None, opts(mode="ar"))
     for kw in (dict(mode="chain", k=4), dict(mode="chain"), dict(mode="tree"), dict(mode="tree", lookup="off"),
-               dict(mode="tree", tree_size="fixed", budget=tree.Budget(max_depth=4, max_nodes_per_level=6))):
+               dict(mode="tree", sizing="fixed", budget=tree.Budget(max_depth=4, max_nodes_per_level=6))):
         out, stats = sd.generate(ids, target, draft, opts(**kw))
         assert out == want and (stats.accepted > 0 or sd.Options(**kw).auto), kw   # auto: may not draft when busy
 
@@ -1431,8 +1431,8 @@ def test_demo_pair_in_bfloat16_every_mode_emits_ar_s_tokens(prompt):
     ids, widths = demo_ids(target[1], prompt), set()
     fixed = tree.Budget(max_depth=4, max_nodes_per_level=6)
     modes = {0.0: [dict(mode="chain", k=1), dict(mode="chain", k=4), dict(mode="chain"), dict(mode="tree"),
-                   dict(mode="tree", lookup="off"), dict(mode="tree", tree_size="fixed", budget=fixed)],
-             0.8: [dict(mode="chain"), dict(mode="tree"), dict(mode="tree", tree_size="fixed", budget=fixed)]}
+                   dict(mode="tree", lookup="off"), dict(mode="tree", sizing="fixed", budget=fixed)],
+             0.8: [dict(mode="chain"), dict(mode="tree"), dict(mode="tree", sizing="fixed", budget=fixed)]}
     for temperature, kws in modes.items():
         opts = lambda **kw: sd.Options(max_new_tokens=40, settings=sd.Settings(temperature=temperature, seed=7), **kw)
         want, _ = sd.generate(ids, target, None, opts(mode="ar"))
@@ -1442,7 +1442,7 @@ def test_demo_pair_in_bfloat16_every_mode_emits_ar_s_tokens(prompt):
             assert out == want, (temperature, kw)
             forced = not sd.Options(**kw).auto            # an auto plan may not draft on a busy machine
             assert stats.accepted > 0 or temperature > 0 or not forced, kw
-            widths.update(stats.ks if kw["mode"] == "chain" else ())
+            widths.update(stats.drafted_per_step if kw["mode"] == "chain" else ())
     assert len(widths) >= 3
 
 
@@ -1455,9 +1455,9 @@ def test_demo_draft_as_its_own_draft_accepts_every_greedy_node():
     draft = (copy.copy(target[0]), target[1])          # the same weights, its own cache (setup_cache rebinds it)
     budget, ids, q = tree.Budget(max_depth=4, branch=2, max_nodes_per_level=16), demo_ids(target[1]), [None]
     out, stats = sd.generate(ids, target, draft, sd.Options(
-        mode="tree", tree_size="fixed", budget=budget, max_new_tokens=20,
+        mode="tree", sizing="fixed", budget=budget, max_new_tokens=20,
         on_tree=lambda t, path, new: q.extend([t.q[i] for i in path] + [None])))
-    assert len(out) == 20 and stats.ks == [4] * len(stats.ks)
+    assert len(out) == 20 and stats.accepted_per_step == [4] * len(stats.accepted_per_step)
     target[0].setup_cache(len(ids) + len(out))
     p = torch.softmax(target[0](torch.tensor([ids + out[:-1]]), last=len(out))[0].float(), -1)
     p = p[torch.arange(len(out)), torch.tensor(out)]

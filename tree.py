@@ -28,14 +28,16 @@ Compact: both KV caches keep the prefix and the accepted path, nothing else.
 """
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 import sampler
 
-ROOT = -1             # the node index of the root: the last token of the prefix (its logits are p[0])
+ROOT = None           # the root's node: the last token of the prefix, no kept node (so it indexes no list)
 
 
 @dataclass
@@ -43,10 +45,31 @@ class Budget:
     max_depth: int = 8
     max_nodes_per_level: int = 25
     max_total_nodes: int = 200
-    max_time: float = 10.0         # seconds to grow one tree (policy.Fixed keeps the clock)
+    max_time: float = 10.0         # seconds to grow one tree (checked before each draft pass)
     branch: int = 4                # candidates per expanded node
-    prune: str = "best"            # "best" cumulative log-probabilities, or "random" (the paper)
+    prune: str = "best"            # "best" cumulative log-probabilities, or "random" (the tree paper's option)
     children: str = "auto"         # "top-k", "sample" (i.i.d. draws), or "auto": sample when temperature > 0
+
+
+class Plan(Protocol):
+    """What `grow` asks of one step's plan (policy.py: Fixed fills the budgets, Auto maximises
+    expected tokens per second). Every method returns a number and changes nothing."""
+    drafts: bool                   # whether this step runs the draft (else lookup tokens alone, or a plain step)
+
+    def value(self, t: "Tree", parent, q: float) -> float:
+        """The chance that a child of `parent` with draft probability q is accepted."""
+
+    def keep(self, t: "Tree", values: list) -> int:
+        """How many of a level's candidates, best first (their values), to keep."""
+
+    def deeper(self, t: "Tree", frontier: list) -> bool:
+        """Whether another draft pass, over the frontier, pays."""
+
+    def lookup(self, t: "Tree", tip, room: int) -> int:
+        """How many of `room` lookup tokens to hang below node `tip`."""
+
+    def more(self, q: list) -> bool:
+        """A chain step: whether to draft one more token after those with draft probabilities q."""
 
 
 @dataclass
@@ -73,30 +96,34 @@ class Tree:
     q: list = field(default_factory=list)           # draft probability of the node's token given its parent
     logp: list = field(default_factory=list)        # cumulative log-probability
     sources: list = field(default_factory=list)     # "draft", "lookup" or "both"
+    values: list = field(default_factory=list)      # the chance it is accepted, as the plan valued it (nan: not)
     candidates: dict = field(default_factory=dict)  # node (or ROOT) -> [Candidate], in the order made
     dists: dict = field(default_factory=dict)       # node -> q_f its drawn candidates came from
     levels: int = 0                                  # draft forwards spent growing
 
     @classmethod
-    def chain(cls, tokens, q):
-        """K draft tokens one after another (a chain step), for the policy's bookkeeping."""
+    def of_chain(cls, tokens, q):
+        """A chain step's K draft tokens as a tree of one node per level (what Stats and the policy read)."""
         t = cls(levels=len(tokens))
         for i, (x, qx) in enumerate(zip(tokens, q)):
             t.add(i - 1 if i else ROOT, Candidate(x, qx, 0.0), i + 1)
         return t
 
     def depth(self, node):
-        return self.depths[node] if node != ROOT else 0
+        return 0 if node is ROOT else self.depths[node]
+
+    def value(self, node):
+        return 1.0 if node is ROOT else self.values[node]
 
     def ancestors(self):
         """[N, N] bool: entry (i, j) says j is i or an ancestor of i."""
         anc = torch.eye(len(self.tokens), dtype=torch.bool)
-        for i, par in enumerate(self.parents):
-            if par != ROOT:
-                anc[i] |= anc[par]
+        for i, parent in enumerate(self.parents):
+            if parent is not ROOT:
+                anc[i] |= anc[parent]
         return anc
 
-    def add(self, parent, c: Candidate, depth):
+    def add(self, parent, c: Candidate, depth, value=math.nan):
         """Keep candidate c as a new node, and point its copies under the same parent to it."""
         c.node = len(self.tokens)
         for other in self.candidates.get(parent, []):
@@ -108,11 +135,17 @@ class Tree:
         self.q.append(c.q)
         self.logp.append(c.logp)
         self.sources.append(c.source)
+        self.values.append(value)
 
     def reached(self, path):
         """Nodes whose parent was accepted (so the target judged them)."""
-        seen = {ROOT} | set(path)
-        return [i for i, par in enumerate(self.parents) if par in seen]
+        judged = {ROOT} | set(path)
+        return [i for i, parent in enumerate(self.parents) if parent in judged]
+
+
+def row(node):
+    """The node's row in a scored pass's logits: the root's first, then the kept nodes'."""
+    return 0 if node is ROOT else node + 1
 
 
 def continuation(tokens, longest=16, most=64):
@@ -143,7 +176,7 @@ class Growth:
     races: object                  # sampler.Races for coupled verification, else None
     prefix: int                    # tokens before the tree (its root is the last)
     guess: list
-    tip: int = ROOT
+    tip: int | None = ROOT
 
     @property
     def drawn(self):
@@ -152,43 +185,49 @@ class Growth:
         return self.races is None and (b.children == "sample" or (b.children == "auto" and self.settings.temperature > 0))
 
 
-def grow(draft, tokens, plan, g: Growth):
+def grow(draft, tokens, plan: Plan, g: Growth):
     """A token tree from the draft after `tokens` (the last token is the root): level by level,
     expand the frontier into candidates, keep the best as the plan says, and feed them to the
-    draft; then hang what is left of the lookup continuation below its tip. A plan that does
-    not draft gives a tree of lookup tokens alone, or none (a plain step). The draft catches
-    up on the tokens it lacks at its first forward."""
-    t = Tree()
+    draft, while the budgets and the plan allow; then hang what is left of the lookup
+    continuation below its tip. A plan that does not draft gives a tree of lookup tokens
+    alone, or none (a plain step). The draft catches up on the tokens it lacks at its first
+    forward."""
+    t, deadline = Tree(), time.perf_counter() + g.budget.max_time
     if not plan.drafts:
-        return hang_lookup(t, g, plan.chain(t, ROOT, min(len(g.guess), g.budget.max_total_nodes)))
+        return hang_lookup(t, g, plan.lookup(t, ROOT, min(len(g.guess), g.budget.max_total_nodes)))
     new = tokens[draft.length:]
     q_frontier = distribution(g, draft(torch.tensor([new], device=draft.device), last=1)[0, :, :g.vocab])
     frontier, t.levels = [ROOT], 1
     for depth in range(1, g.budget.max_depth + 1):
-        level = expand(t, g, frontier, q_frontier, depth)
-        chosen = choose(t, g, level, plan, depth)
+        level = choose(t, g, expand(t, g, frontier, q_frontier, depth), depth)
+        values = [plan.value(t, parent, c.q) for parent, c in level]
         first = len(t.tokens)
-        for f, c in chosen:
-            t.add(f, c, depth)
+        for (parent, c), value in zip(level[:plan.keep(t, values)], values):
+            t.add(parent, c, depth, value)
             g.tip = c.node if c.source != "draft" else g.tip
         frontier = list(range(first, len(t.tokens)))
-        if not frontier or depth == g.budget.max_depth or len(t.tokens) >= g.budget.max_total_nodes \
-                or not plan.deeper(t, frontier):
+        if (not frontier or depth == g.budget.max_depth or len(t.tokens) >= g.budget.max_total_nodes
+                or time.perf_counter() > deadline or not plan.deeper(t, frontier)):
             break
         q_frontier = feed_level(draft, t, g, first, depth)
     for f in frontier:
         t.candidates.setdefault(f, [])
     room = min(len(g.guess) - t.depth(g.tip), g.budget.max_total_nodes - len(t.tokens))
-    if g.tip != ROOT and not t.candidates[g.tip] and room > 0:   # the lookup reached the last level
-        hang_lookup(t, g, plan.chain(t, g.tip, room))
+    if g.tip is not ROOT and not t.candidates[g.tip] and room > 0:   # the lookup reached the last level
+        hang_lookup(t, g, plan.lookup(t, g.tip, room))
     return t
 
 
+def proposal(settings, logits):
+    """The draft's q over the vocabulary, as proposals are ranked and verified: the sampling
+    distribution at temperature > 0; greedy ranks by the plain softmax (its one-hot argmax
+    would rank nothing). Shared by chain steps (specdecode.py) and trees."""
+    return settings.probs(logits) if settings.temperature > 0 else sampler.probs(logits)
+
+
 def distribution(g: Growth, logits):
-    """The draft's q over the vocabulary. Drawn children need the exact q they are drawn
-    from; point masses may be ranked by any q, so greedy ranks by the plain softmax, not
-    by its one-hot argmax."""
-    return g.settings.probs(logits) if g.drawn or g.settings.temperature > 0 else sampler.probs(logits)
+    """The draft's q at each frontier node: drawn children need the exact q they are drawn from."""
+    return g.settings.probs(logits) if g.drawn else proposal(g.settings, logits)
 
 
 def expand(t: Tree, g: Growth, frontier, q_frontier, depth):
@@ -200,14 +239,14 @@ def expand(t: Tree, g: Growth, frontier, q_frontier, depth):
     looked, it knows better than a blind lookup."""
     level = []
     for f, q in zip(frontier, q_frontier):
-        base = t.logp[f] if f != ROOT else 0.0
+        base = 0.0 if f is ROOT else t.logp[f]
         if g.drawn:
             t.dists[f] = q
-            e = sampler.exponentials(g.budget.branch, g.vocab, generator=g.generator, device=q.device)
+            races = sampler.exponentials(g.budget.branch, g.vocab, generator=g.generator, device=q.device)
         else:
-            e = g.races.at(g.prefix + depth - 1)[0] if g.races else None
+            races = g.races.at(g.prefix + depth - 1)[0] if g.races else None
         made = [Candidate(c, float(q[c]), base + math.log(float(q[c])), point=not g.drawn)
-                for c in children(q, g.budget.branch, g.drawn, e)]
+                for c in propose(q, g.budget.branch, g.drawn, races)]
         if f == g.tip and depth <= len(g.guess):
             x = g.guess[depth - 1]
             same = next((c for c in made if c.token == x and c.point), None)
@@ -216,32 +255,30 @@ def expand(t: Tree, g: Growth, frontier, q_frontier, depth):
             else:
                 source = "both" if any(c.token == x for c in made) else "lookup"
                 made.insert(0, Candidate(x, float(q[x]), base + math.log(max(float(q[x]), 1e-30)), source=source))
-        t.candidates[f], seen = made, set()
+        t.candidates[f], tokens = made, set()
         for c in made:
-            if c.token not in seen:
+            if c.token not in tokens:
                 level.append((f, c))
-                seen.add(c.token)
+                tokens.add(c.token)
     return level
 
 
-def children(q, branch, drawn, e):
-    """Candidate tokens of a node: `branch` i.i.d. draws from q (drawn; e [branch, V], one race
-    each), else the `branch` best of q / e (coupled: e = E_t, the first being the draft's race
-    winner) or of q (e None)."""
+def propose(q, branch, drawn, races):
+    """Candidate tokens of a node: `branch` i.i.d. draws from q (drawn; races [branch, V], one
+    race each), else the `branch` best of q / races (coupled: races = E_t, the first being
+    the draft's race winner) or of q (races None)."""
     if drawn:
-        return sampler.draw(q.expand(branch, -1), e).tolist()
-    return (q / e if e is not None else q).topk(min(branch, int((q > 0).sum()))).indices.tolist()
+        return sampler.draw(q.expand(branch, -1), races).tolist()
+    return (q / races if races is not None else q).topk(min(branch, int((q > 0).sum()))).indices.tolist()
 
 
-def choose(t: Tree, g: Growth, level, plan, depth):
-    """The candidates of a level to keep, best score first (or random ones, as in the tree
-    paper): as many as the plan keeps, within the budgets."""
+def choose(t: Tree, g: Growth, level, depth):
+    """The candidates of a level that the budgets allow, best score first (or random ones, the
+    tree paper's option, drawn from the run's seed)."""
     limit = min(g.budget.max_nodes_per_level, g.budget.max_total_nodes - len(t.tokens))
     if g.budget.prune == "random":
-        chosen = random.Random(g.prefix * 1000 + depth).sample(level, min(limit, len(level)))
-    else:
-        chosen = sorted(level, key=lambda fc: -fc[1].logp)[:limit]
-    return chosen[:plan.keep(t, chosen)]
+        return random.Random(f"{g.settings.seed}:{g.prefix}:{depth}").sample(level, min(limit, len(level)))
+    return sorted(level, key=lambda fc: -fc[1].logp)[:limit]
 
 
 def feed_level(draft, t: Tree, g: Growth, first, depth):
@@ -258,7 +295,7 @@ def feed_level(draft, t: Tree, g: Growth, first, depth):
 def hang_lookup(t: Tree, g: Growth, n):
     """The next n tokens of the lookup continuation as a chain below the tip, fed to no draft;
     their q is nan: the draft never saw them."""
-    parent, base = g.tip, t.logp[g.tip] if g.tip != ROOT else 0.0
+    parent, base = g.tip, 0.0 if g.tip is ROOT else t.logp[g.tip]
     for x in g.guess[t.depth(g.tip):t.depth(g.tip) + n]:
         c = Candidate(x, float("nan"), base, source="lookup")
         t.candidates[parent] = [c]
@@ -295,7 +332,7 @@ def verify(t: Tree, p, generator, one_hot=False):
         point = torch.tensor([[c.point for c in cands] or [True]], device=p.device)
         u = torch.rand(tokens.shape, generator=generator, device=p.device)
         q = t.dists[node][None] if node in t.dists else None
-        choice, token = sampler.tree_sample(p[node + 1][None], q, tokens, u, e, point)
+        choice, token = sampler.tree_sample(p[row(node)][None], q, tokens, u, e, point)
         j = int(choice)
         if j < 0 or cands[j].node is None:
             return path, int(token)
@@ -309,7 +346,7 @@ def verify_coupled(t: Tree, p, e):
     verify; e [D + 1, V]: E at the root's output position and at each depth below it."""
     node, path = ROOT, []
     while True:
-        w = int(sampler.draw(p[node + 1], e[t.depth(node)]))
+        w = int(sampler.draw(p[row(node)], e[t.depth(node)]))
         node = next((c.node for c in t.candidates.get(node, []) if c.token == w), None)
         if node is None:
             return path, w
@@ -331,9 +368,8 @@ COLOURS = {"accepted": "#2ca02c", "rejected": "#d62728", "not reached": "#bbbbbb
            "root": "#1f77b4", "emitted": "#9467bd"}
 
 
-def layout(t: Tree, jitter=0.0, seed=0):
-    """x, y per node in a tidy layout: leaves in order, parents centred over their children;
-    y = -depth. jitter adds the paper's small random horizontal offsets."""
+def layout(t: Tree):
+    """x, y per node in a tidy layout: leaves in order, parents centred over their children; y = -depth."""
     kids = {}
     for i, par in enumerate(t.parents):
         kids.setdefault(par, []).append(i)
@@ -349,8 +385,7 @@ def layout(t: Tree, jitter=0.0, seed=0):
                 place(c)
             x[node] = (x[ch[0]] + x[ch[-1]]) / 2
     place(ROOT)
-    rng = random.Random(seed)
-    return {n: (v + rng.uniform(-jitter, jitter), -t.depth(n)) for n, v in x.items()}
+    return {n: (v, -t.depth(n)) for n, v in x.items()}
 
 
 def status(t: Tree, path):
@@ -366,13 +401,13 @@ def label(tok, token):
     return text if len(text) <= 8 else text[:7] + "…"
 
 
-def render(t: Tree, path, new_token, tok, png, jitter=0.0):
+def render(t: Tree, path, new_token, tok, png):
     """One step's tree as a PNG: nodes coloured by status, token and q on each, shading by
     cumulative log-probability; pruned candidates as small markers beside their parent."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    pos = layout(t, jitter)
+    pos = layout(t)
     st = status(t, path)
     pruned = [(f, c) for f, cs in t.candidates.items() for c in cs if c.node is None]
     width = max(6.0, min(40.0, 0.45 * (1 + max((v[0] for v in pos.values()), default=0))))
