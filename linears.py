@@ -297,6 +297,22 @@ def fuse(state, blocks, dtype):
 
 
 
+def read_config(path):
+    """The JSON object in a model folder's config.json, or ModelError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"no such folder: {path}")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} has no config.json (expected a HuggingFace model folder)")
+    try:
+        c = json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        raise ModelError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    if not isinstance(c, dict):
+        raise ModelError(f"{path / 'config.json'} is not a JSON object")
+    return c
+
+
 def load(model, path, device, dtype, quant):
     """The folder's weights into `model` (built on the meta device): dense tensors (memory-mapped,
     cast once) and quantized blocks as QLinear where qmatmul.cpp runs them, then every dense

@@ -29,7 +29,6 @@ order): `attention` here in torch, or in one call a layer qmatmul.cpp's `attend`
 is built (the CPU). The prompt's pass, the same in every mode, takes SDPA's fast kernel
 instead. The keys and values are cached in float32, as attention reads them.
 """
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,17 +63,8 @@ class Config:
 
     @classmethod
     def from_dir(cls, path):
-        path = Path(path)
-        if not path.is_dir():
-            raise ModelError(f"no such folder: {path}")
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path} has no config.json (expected a HuggingFace model folder)")
-        try:
-            c = json.loads((path / "config.json").read_text())
-        except ValueError as e:
-            raise ModelError(f"{path / 'config.json'} is not valid JSON: {e}") from None
-        if not isinstance(c, dict):
-            raise ModelError(f"{path / 'config.json'} is not a JSON object")
+        """A HuggingFace folder's config.json (read by linears.read_config), or ModelError."""
+        path, c = Path(path), linears.read_config(path)
         try:
             return cls.read(c, path)
         except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:

@@ -18,15 +18,16 @@ E[r^j] under a Beta belief about their rate r, kept per match length (`LookupRat
 Plan. A step is expected to give E = 1 + sum of its nodes' values, in the time of its
 draft passes plus one target pass over its N nodes and the root. Each tree level keeps
 the m best candidates that maximise E / time, and the draft goes on while that rate is
-expected to rise within K_MAX more levels; a chain drafts on the same rule. A lookup
-chain hangs as many tokens as pay. Whether to draft at all is the same rule at size
+expected to rise within K_MAX more levels; a chain drafts on the same rule. A run of
+lookup tokens hangs as many as pay. Whether to draft at all is the same rule at size
 zero: the draft's recent steps (their tokens over their priced time) against a plain
-step (one token, one one-token pass) and a lookup chain from the root.
+step (one token, one one-token pass) and a lookup run from the root.
+
+The plans (`Fixed`, `AutoPlan`) implement tree.Plan: they read the tree and return numbers.
 """
 import bisect
 import math
 import statistics
-import sys
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 import tree
+from linears import say
 
 WIDTHS = (1, 2, 4, 8, 16, 32)     # the widths of the passes a step makes: a draft step, a chain, a tree
 K_MAX = 12                        # a guess: the longest chain --k auto drafts (and the cache headroom it needs)
@@ -103,8 +105,7 @@ def costs(model, name, rounds=3):
         if model.device.type == "cpu":                           # (a GPU's forward returns before it is done)
             watch(model, _measured[model])
         ms = "/".join(f"{s * 1e3:.0f}" for s in times)
-        print(f"[specdecode] {name} forward at {'/'.join(map(str, WIDTHS))} tokens: {ms} ms "
-              f"(timed once, {time.perf_counter() - t:.1f} s)", file=sys.stderr)
+        say(f"{name} forward at {'/'.join(map(str, WIDTHS))} tokens: {ms} ms (timed once, {time.perf_counter() - t:.1f} s)")
     return _measured[model]
 
 

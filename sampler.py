@@ -11,7 +11,8 @@ Sampling from r (unnormalised, r >= 0) is done with an exponential race:
 argmax_v r_v / E_v with E_v ~ Exp(1) picks v with probability r_v / sum(r) (the minimum of
 independent Exp(r_v) variables E_v / r_v falls on v with that probability). A sample is
 then a parallel argmax, which is what the CUDA kernel computes. (argmax of r alone, as the
-seed report did, is not a sample: it changes the output distribution.)
+seed report did, is not a sample: it changes the output distribution. The seed report:
+"Optimized CUDA Kernel for Rejection Sampling in Speculative Decoding", Huang, Chen and Chang.)
 
 Greedy decoding is the one-hot special case: with p and q one-hot on the argmaxes, x_i is
 accepted iff it equals the target's argmax, and the residual is the target's argmax.

@@ -43,7 +43,7 @@ import policy
 import sampler
 import tree
 import weights
-from linears import SpecdecodeError    # every refusal's base class: what Python API users catch
+from linears import SpecdecodeError, say    # SpecdecodeError: every refusal's base class, what API users catch
 
 DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime, with a short docstring."
 
@@ -81,8 +81,7 @@ class Run:
 
 
 def feed(model, tokens, extra=(), last=1):
-    """Run the model on what its cache lacks of `tokens`, then `extra`; logits of the last
-    `last` tokens [1, last, V]."""
+    """Run the model on what its cache lacks of `tokens`, then `extra`: the last `last` logits [1, last, V]."""
     new = tokens[model.length:] + list(extra)
     return model(torch.tensor([new], device=model.device), last=last)
 
@@ -159,7 +158,7 @@ def generate(prompt_ids, target, draft, opts: "Options", on_tokens=None):
     model, draft, stats, out = target[0], draft and draft[0], run.stats, []
     t0 = time.perf_counter()
     step = prefill(model, run, opts)
-    stats.ttft = time.perf_counter() - t0
+    stats.ttft, stats.target_passes = time.perf_counter() - t0, 1
     while True:
         run.tokens.extend(step.tokens)
         stop = next((i for i, x in enumerate(step.tokens) if x in target[1].stop_ids), None)
@@ -188,9 +187,8 @@ def new_run(prompt_ids, target, draft, opts: "Options"):
     bad = [i for i in prompt_ids if not (whole(i) and 0 <= i < min(vocab, model.config.vocab_size))]
     if bad:
         raise SpecError(f"the prompt's token ids must be whole numbers in [0, {vocab}), got {bad[0]!r}")
-    need, context = len(prompt_ids) + opts.max_new_tokens, model.config.max_seq_len
-    if draft is not None:
-        context = min(context, draft[0].config.max_seq_len)
+    models = [model] + ([draft[0]] if draft else [])
+    need, context = len(prompt_ids) + opts.max_new_tokens, min(m.config.max_seq_len for m in models)
     if need + 1 > context:
         raise SpecError(f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {opts.max_new_tokens} "
                         f"exceed the model's context of {context} tokens")
@@ -199,13 +197,10 @@ def new_run(prompt_ids, target, draft, opts: "Options"):
         raise SpecError(f"{widest}: a step's widest pass ({opts.headroom} tokens) does not fit the model's context "
                         f"of {context} after the prompt ({len(prompt_ids)} tokens) and --max-new-tokens "
                         f"{opts.max_new_tokens}")
-    if opts.auto:
-        chooser = policy.Auto(policy.costs(model, "target"), policy.costs(draft[0], "draft"))
-    else:
-        chooser = policy.Fixed(opts.k)
-    for m in (model, draft and draft[0]):
-        if m is not None:
-            m.setup_cache(need + opts.headroom)
+    chooser = policy.Auto(policy.costs(model, "target"), policy.costs(draft[0], "draft")) if opts.auto \
+        else policy.Fixed(opts.k)
+    for m in models:
+        m.setup_cache(need + opts.headroom)
     if draft is not None:                   # the draft proposes from its commonest tokens, the prompt's, and the stops
         draft[0].restrict_head([*range(DRAFT_VOCAB), *prompt_ids, *tok.stop_ids])
     return Run(list(prompt_ids), vocab, model.device,
@@ -317,7 +312,7 @@ class Stats:
     new_tokens: int = 0
     ttft: float = 0.0            # seconds to the first new token (the prompt's pass)
     seconds: float = 0.0
-    target_passes: int = 1       # the prompt's, then one a step
+    target_passes: int = 0       # the prompt's, then one a step
     draft_passes: int = 0
     from_lookup: int = 0         # tree: accepted tokens only the lookup proposed
     plain_steps: int = 0         # steps with no draft forward
@@ -348,7 +343,7 @@ class Stats:
 
     @property
     def tokens_per_pass(self):
-        return self.new_tokens / self.target_passes
+        return self.new_tokens / self.target_passes if self.target_passes else 0.0
 
     @property
     def acceptance(self):
@@ -372,24 +367,6 @@ class Stats:
         return s
 
 
-def check_device(device):
-    """A torch device this machine has, or SpecError."""
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise SpecError(f"unknown device {device!r} (try cpu or cuda)") from None
-    if d.type not in ("cpu", "cuda"):
-        raise SpecError(f"device {device!r}: specdecode runs on cpu or cuda")
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError(f"device {device!r}: no CUDA device here")
-
-
-def check_pair(target, draft):
-    """The draft must speak the target's tokenizer; decided by the vocabularies themselves."""
-    if draft is not None and target[1].vocab() != draft[1].vocab():
-        raise SpecError("the draft and target models use different tokenizers: pick a draft of the target's family")
-
-
 # ---------------------------------------------------------------------------- the Python API
 
 QUANTS = ("auto", "none", "int4")
@@ -410,7 +387,8 @@ def load_pair(target, draft=None, device="cpu", dtype=torch.bfloat16, quant="aut
         if key not in _loaded:
             _loaded[key] = weights.load(name, device=device, dtype=dtype, quant=quant)
         pair.append(_loaded[key])
-    check_pair(*pair)
+    if pair[1] is not None and pair[0][1].vocab() != pair[1][1].vocab():      # decided by the vocabularies
+        raise SpecError("the draft and target models use different tokenizers: pick a draft of the target's family")
     return pair
 
 
@@ -425,7 +403,13 @@ def speculative_decode(prompt, target=weights.DEMO_TARGET, draft=weights.DEMO_DR
         raise SpecError(f"unknown option(s): {', '.join(sorted(unknown))}")
     settings = Settings(**{k: v for k, v in options.items() if k in setting_names})
     opts = Options(settings=settings, **{k: v for k, v in options.items() if k not in setting_names})
-    check_device(device)
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise SpecError(f"unknown device {device!r} (try cpu or cuda)") from None
+    if kind not in ("cpu", "cuda") or kind == "cuda" and not torch.cuda.is_available():
+        raise SpecError(f"device {device!r}: specdecode runs on cpu or cuda, and this machine has "
+                        f"{'a' if torch.cuda.is_available() else 'no'} CUDA device")
     if quant not in QUANTS:
         raise SpecError(f"quant must be one of {', '.join(QUANTS)}, got {quant!r}")
     if not isinstance(prompt, str) or not prompt.strip():
@@ -564,13 +548,12 @@ def main(argv=None):
         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     print()
     print(stats.line(), file=sys.stderr)
-    if steps:
-        tok = load_pair(a.target, None, a.device, getattr(torch, a.dtype), a.quant)[0][1]
-        if a.viz:
-            tree.render(*max(steps, key=lambda s: len(s[0].tokens)), tok, a.viz)
-            print(f"[specdecode] wrote {a.viz}", file=sys.stderr)
-        if a.viz_dir:
-            print(f"[specdecode] wrote {tree.render_all(steps, tok, a.viz_dir)}", file=sys.stderr)
+    tok = load_pair(a.target, None, a.device, getattr(torch, a.dtype), a.quant)[0][1]
+    if a.viz and steps:
+        tree.render(*max(steps, key=lambda s: len(s[0].tokens)), tok, a.viz)
+        say(f"wrote {a.viz}")
+    if a.viz_dir and steps:
+        say(f"wrote {tree.render_all(steps, tok, a.viz_dir)}")
 
 
 if __name__ == "__main__":

@@ -599,6 +599,33 @@ def test_tree_budgets_hold(pair):
     assert slow.levels == 1                          # max_time: one level, then stop
 
 
+def test_max_time_bounds_auto_trees_too(pair, monkeypatch):
+    """grow owns --max-time under --tree auto as under fixed: a clock that runs out before the
+    second draft pass gives one-level trees, where the same plans grow deeper without it."""
+    target, draft = pair
+    given_costs(monkeypatch)
+    deepest = {}
+    for max_time in (10.0, 1e-9):
+        levels = []
+        run(target, draft, [2, 9, 4], "tree", budget=tree.Budget(max_time=max_time), max_new_tokens=30,
+            on_tree=lambda t, path, new: levels.append(t.levels))
+        deepest[max_time] = max(levels)
+    assert deepest[1e-9] == 1 < deepest[10.0]
+
+
+def test_random_pruning_follows_the_seed(pair):
+    """--prune random (the tree paper's): one seed grows the same trees, another seed others."""
+    target, draft = pair
+    budget = tree.Budget(max_depth=3, branch=4, max_nodes_per_level=3, prune="random")
+    grown = []
+    for seed in (1, 1, 2):
+        trees = []
+        run(target, draft, [2, 9], "tree", budget=budget, sizing="fixed", seed=seed, max_new_tokens=12,
+            on_tree=lambda t, path, new: trees.append((t.tokens, t.parents)))
+        grown.append(trees)
+    assert grown[0] == grown[1] != grown[2]
+
+
 def test_costs_interpolate_the_table_measured_once(pair):
     """Costs.seconds: linear between the measured widths, the last segment continued past
     them; policy.costs times a model once (monotone: a narrower pass is never dearer)."""

@@ -7,13 +7,14 @@ Grow (level by level, ONE draft forward per level over the whole frontier):
     scores its cumulative log-probability
         logp(c) = logp(f) + log q_f(c)
     and the best-scoring candidates of the level are kept (or random ones, as in the tree
-    paper), within max_nodes_per_level, max_total_nodes and max_depth. The rest are pruned:
-    never fed to a model, but kept in the picture and in verification. How many to keep, and
-    whether to grow another level, is the plan's to say (policy.py: fill the budgets, or
-    maximise expected tokens per second).
+    paper: "Tree-Based Speculative Decoding with Adaptive Branching for Automated GPU Kernel
+    Generation"), within max_nodes_per_level, max_total_nodes, max_depth and max_time. The
+    rest are pruned: never fed to a model, but kept in the picture and in verification. How
+    many to keep, and whether to grow another level, is the plan's to say (`Plan`; policy.py
+    fills the budgets, or maximises expected tokens per second).
     Lookup (`continuation`): what followed the latest earlier occurrence of the context's
     longest recurring suffix joins the levels as point-mass candidates, and its rest may hang
-    below as a chain no draft forward sees (the whole tree, when the plan drafts nothing).
+    below as a run no draft forward sees (the whole tree, when the plan drafts nothing).
 Score: ONE target forward over the root and every kept node, with a tree attention mask
     (a node sees the prefix, its ancestors and itself) and position = prefix length + depth.
 Verify: walk down from the root. At each node, sampler.tree_sample runs SpecInfer's
@@ -353,13 +354,13 @@ def verify_coupled(t: Tree, p, e):
         path.append(node)
 
 
-def compact(target, draft, start, t: Tree, path):
+def compact(target, draft, prefix, t: Tree, path):
     """Keep, in both caches, the prefix up to the root and the accepted path's nodes (a draft
     that saw no node, as after a step without it, is left as it is)."""
-    for model in (target, draft):                      # slots [0, start) hold the prefix, root included
-        if model.length >= start:
-            seen = [i for i in path if start + i < model.length]   # the draft never saw the last level
-            model.compact(start, torch.tensor(seen, dtype=torch.long, device=model.device))
+    for model in (target, draft):                      # slots [0, prefix) hold the prefix, root included
+        if model.length >= prefix:
+            fed = [i for i in path if prefix + i < model.length]   # the draft never saw the last level
+            model.compact(prefix, torch.tensor(fed, dtype=torch.long, device=model.device))
 
 
 # ---------------------------------------------------------------------------- the picture
@@ -413,28 +414,22 @@ def render(t: Tree, path, new_token, tok, png):
     width = max(6.0, min(40.0, 0.45 * (1 + max((v[0] for v in pos.values()), default=0))))
     depth = max(t.depths, default=0)
     fig, ax = plt.subplots(figsize=(width, 1.6 + 1.1 * (depth + 1)))
-    for i, par in enumerate(t.parents):
-        (x0, y0), (x1, y1) = pos[par], pos[i]
-        ax.plot([x0, x1], [y0, y1], color="#999999", lw=0.6, zorder=1)
-    logp = torch.tensor(t.logp or [0.0])
-    lo = float(logp.min())
+    for i, parent in enumerate(t.parents):
+        ax.plot(*zip(pos[parent], pos[i]), color="#999999", lw=0.6, zorder=1)
+    lo, fontsize = min(t.logp, default=0.0), 7 if len(t.tokens) < 60 else 5
     for i, s in enumerate(st):
         alpha = 0.35 + 0.65 * (1 - (t.logp[i] / lo if lo < 0 else 0))
         ax.scatter(*pos[i], s=260, color=COLOURS[s], alpha=alpha, edgecolors="black", linewidths=0.4, zorder=2)
-        fs = 7 if len(t.tokens) < 60 else 5
         below = "lookup" if t.sources[i] == "lookup" else f"{t.q[i]:.2f}"
-        ax.annotate(f"{label(tok, t.tokens[i])}\n{below}", pos[i], fontsize=fs, ha="center", va="center", zorder=3)
+        ax.annotate(f"{label(tok, t.tokens[i])}\n{below}", pos[i], fontsize=fontsize, ha="center", va="center", zorder=3)
     ax.scatter(*pos[ROOT], s=300, color=COLOURS["root"], edgecolors="black", zorder=2)
     for k, (f, c) in enumerate(pruned):
-        x, y = pos[f]
-        px = x + 0.15 * ((k % 5) - 2)
-        ax.scatter(px, y - 0.55, s=30, color=COLOURS["pruned"], marker="v", zorder=2)
+        ax.scatter(pos[f][0] + 0.15 * ((k % 5) - 2), pos[f][1] - 0.55, s=30, color=COLOURS["pruned"], marker="v", zorder=2)
     end = pos[path[-1]] if path else pos[ROOT]
     ax.annotate(f"→ {label(tok, new_token)}", (end[0], end[1] - 0.5), color=COLOURS["emitted"], fontsize=8,
                 ha="center", fontweight="bold")
-    handles = [plt.Line2D([], [], marker="o", ls="", color=COLOURS[k], label=k)
-               for k in ("root", "accepted", "rejected", "not reached")]
-    handles.append(plt.Line2D([], [], marker="v", ls="", color=COLOURS["pruned"], label="pruned"))
+    handles = [plt.Line2D([], [], marker="v" if k == "pruned" else "o", ls="", color=COLOURS[k], label=k)
+               for k in ("root", "accepted", "rejected", "not reached", "pruned")]
     ax.legend(handles=handles, loc="upper right", fontsize=7)
     ax.set_title(f"{len(t.tokens)} nodes, {len(pruned)} pruned, depth {depth}, {t.levels} draft passes; "
                  f"accepted {len(path)} + 1 token", fontsize=9)
