@@ -12,6 +12,7 @@ Also here, for every file (this one imports none of the project's): the error ba
 the one way to say a line on stderr, and the loader that compiles a kernel on first use
 (qmatmul.cpp here, sampler.cu for sampler.py).
 """
+import ctypes
 import hashlib
 import json
 import sys
@@ -341,6 +342,18 @@ def load(model, path, device, dtype, quant):
                          f"the config implies {tuple(shape)}")
     model.load_state_dict({k: state[k] for k in model.state_dict()}, assign=True)
     pack(model)
+    del state, blocks
+    release()
+
+
+def release():
+    """Give the loader's freed buffers back to the OS. glibc keeps freed heap memory for reuse,
+    and a load frees about as much as it keeps (the blocks as stored, before `tile`; dense
+    weights before packing): measured, the demo pair held 4.7 GB of RSS for 2.4 GB of tensors."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):                # not glibc: its allocator decides
+        pass
 
 
 def pack(model):

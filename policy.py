@@ -27,6 +27,7 @@ The plans (`Fixed`, `AutoPlan`) implement tree.Plan: they read the tree and retu
 """
 import bisect
 import math
+from itertools import accumulate
 import statistics
 import time
 import weakref
@@ -42,7 +43,7 @@ K_MAX = 12                        # a guess: the longest chain --k auto drafts (
 RECENT = 8                        # a guess: drafted steps the draft is judged on (a few steps' noise averages out),
                                   # and steps without it before it is tried again
 DECAY = 0.9                       # a guess: each step weighs the acceptance counts before it by this (~10 steps count)
-DEEPEST = 8                       # acceptance is counted per depth up to here (the default --max-depth); deeper share it
+DEEPEST = tree.Budget.max_depth   # acceptance is counted per depth up to the default --max-depth; deeper share it
 
 
 @dataclass
@@ -250,11 +251,13 @@ class AutoPlan:
     def __init__(self, policy: Auto, runs, drafts):
         self.policy, self.runs, self.drafts = policy, runs, drafts
 
-    def rate(self, t, extra_value=0.0, extra_nodes=0, extra_seconds=0.0):
-        """Expected tokens per second of tree t, grown by nodes worth extra_value at extra_seconds of drafting."""
-        expected = 1 + sum(v for v in t.values if not math.isnan(v)) + extra_value
-        seconds = self.policy.draft_seconds(t) + extra_seconds + self.policy.target.seconds(len(t.tokens) + extra_nodes + 1)
-        return expected / seconds
+    def grown(self, t):
+        """(expected tokens, priced draft seconds, nodes) of tree t as grown so far."""
+        return 1 + sum(v for v in t.values if not math.isnan(v)), self.policy.draft_seconds(t), len(t.tokens)
+
+    def rate(self, expected, seconds, nodes):
+        """Expected tokens per second: draft seconds, then a target pass over the nodes and the root."""
+        return expected / (seconds + self.policy.target.seconds(nodes + 1))
 
     def value(self, t, parent, q):
         """v(parent) min(1, c_d q) at the child's depth d."""
@@ -262,32 +265,34 @@ class AutoPlan:
 
     def keep(self, t, values):
         """The m that maximises the expected rate, the level's first m candidates kept."""
-        rates = [self.rate(t, sum(values[:m]), m) for m in range(len(values) + 1)]
+        expected, seconds, n = self.grown(t)
+        rates = [self.rate(expected + e, seconds, n + m) for m, e in enumerate(accumulate(values, initial=0.0))]
         return max(range(len(rates)), key=lambda m: (rates[m], -m))
 
     def deeper(self, t, frontier):
-        """Whether drafting on pays within K_MAX more levels, looking down from the best frontier
-        node: the next pass over the frontier, the later ones one node each, the j-th level's
-        node accepted with v rho^j. A level alone can lose where the run it starts pays, for a
-        confident draft is accepted in runs."""
+        """Whether another draft pass pays, looking down from the best frontier node."""
         best = max(frontier, key=t.value)
         rho = min(1.0, self.policy.acceptance.c(t.depths[best] + 1) * t.q[best])
-        return self.pays(t, t.value(best), rho, len(frontier))
+        return self.pays(*self.grown(t), t.value(best), rho, len(frontier))
 
-    def pays(self, t, v, rho, width, value=0.0, nodes=0, seconds=0.0):
-        now, draft = self.rate(t, value, nodes, seconds), self.policy.draft
+    def pays(self, expected, seconds, nodes, v, rho, width):
+        """Whether drafting on pays within K_MAX more levels (the next a pass over `width` new
+        nodes, the later ones one node each, the j-th accepted with probability v rho^j): a
+        level alone can lose where the run it starts pays, for a confident draft is accepted in runs."""
+        now, draft = self.rate(expected, seconds, nodes), self.policy.draft
         for _ in range(K_MAX):
             v *= rho
-            value, nodes, seconds, width = value + v, nodes + width, seconds + draft.seconds(width), 1
-            if self.rate(t, value, nodes, seconds) > now:
+            expected, seconds, nodes, width = expected + v, seconds + draft.seconds(width), nodes + width, 1
+            if self.rate(expected, seconds, nodes) > now:
                 return True
         return False
 
     def best_run(self, t, tip, room):
         """(j, rate): how many of `room` lookup tokens to hang below node tip, the j-th accepted
         with v(tip) runs[j - 1], each one more node in the target's pass."""
+        expected, seconds, n = self.grown(t)
         values = [t.value(tip) * run for run in self.runs[:room]]
-        rates = [self.rate(t, sum(values[:j]), j) for j in range(len(values) + 1)]
+        rates = [self.rate(expected + e, seconds, n + j) for j, e in enumerate(accumulate(values, initial=0.0))]
         j = max(range(len(rates)), key=lambda j: (rates[j], -j))
         return j, rates[j]
 
@@ -302,6 +307,5 @@ class AutoPlan:
         for i, qi in enumerate(q, 1):
             v *= min(1.0, self.policy.acceptance.c(i) * qi)
             values.append(v)
-        chain = tree.Tree(levels=1)           # priced as the root's draft pass; K - 1 more one-token passes
-        return self.pays(chain, v, min(1.0, self.policy.acceptance.c(k + 1) * q[-1]), 1,
-                         sum(values), k, (k - 1) * self.policy.draft.seconds(1))
+        rho = min(1.0, self.policy.acceptance.c(k + 1) * q[-1])
+        return self.pays(1 + sum(values), k * self.policy.draft.seconds(1), k, v, rho, 1)

@@ -1,11 +1,14 @@
 """The invariants of DESIGN.md as tests. Most use tiny random models written in the real
 config.json + safetensors layout; a few end-to-end checks use the demo weights."""
+import ast
 import copy
+import gc
 import itertools
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -117,6 +120,14 @@ def test_demo_draft_matches_transformers():
         ref = hf(ids).logits
     assert (logits - ref).abs().max() < 1e-3     # 24 layers of float32 in two summation orders
     assert (logits[0, -1].argmax() == ref[0, -1].argmax())
+    del hf
+    free()
+
+
+def free():
+    """Return what the tests no longer hold to the OS (the test command stays under 8 GB of RSS)."""
+    gc.collect()
+    linears.release()
 
 
 def test_incremental_cache_equals_full_forward(tmp_path):
@@ -1394,9 +1405,10 @@ def demo_ids(tok, prompt="Write a Python function that reverses a singly linked 
     return tok.encode(tok.chat(prompt))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def demo_pair():
-    """The demo pair as users run it: bf16, its own blocks (1.7 GB, held by load_pair)."""
+    """The demo pair as users run it: bf16, its own blocks (about 4.3 GB of RSS, half of it the
+    file-backed dense tensors; loaded once, kept by load_pair until the last test that needs it)."""
     return sd.load_pair(weights.DEMO_TARGET, weights.DEMO_DRAFT)
 
 
@@ -1448,13 +1460,13 @@ BF16_PROMPTS = ("Write a C function that parses an IPv4 address string into four
 
 
 @pytest.mark.parametrize("prompt", BF16_PROMPTS)
-def test_demo_pair_in_bfloat16_every_mode_emits_ar_s_tokens(prompt):
+def test_demo_pair_in_bfloat16_every_mode_emits_ar_s_tokens(demo_pair, prompt):
     """Batch invariance on the real pair, as users run it (bf16, its own blocks): greedy, and
     coupled sampling at T = 0.8 with one seed, give ar's 40 tokens in every mode, while the
     plans that must draft (fixed K, fixed trees) are accepted and verified in passes of
     several widths. Compared with this run's
     own ar (bf16 rounding differs between CPUs, so no model text is asserted)."""
-    target, draft = sd.load_pair(weights.DEMO_TARGET, weights.DEMO_DRAFT)
+    target, draft = demo_pair
     ids, widths = demo_ids(target[1], prompt), set()
     fixed = tree.Budget(max_depth=4, max_nodes_per_level=6)
     modes = {0.0: [dict(mode="chain", k=1), dict(mode="chain", k=4), dict(mode="chain"), dict(mode="tree"),
@@ -1478,6 +1490,8 @@ def test_demo_draft_as_its_own_draft_accepts_every_greedy_node():
     path, so each step accepts all 4 levels, and the draft's probability of each accepted
     token is the target's own (one plain pass over the whole output). Wrong draft positions,
     masks or compaction in tree.grow would only slow decoding and pass every other test."""
+    sd._loaded.clear()                       # the bf16 pair, last used above: the test command stays under 8 GB
+    free()
     target = weights.load(weights.DEMO_DRAFT, dtype=torch.float32)          # not load_pair's: freed after the test
     draft = (copy.copy(target[0]), target[1])          # the same weights, its own cache (setup_cache rebinds it)
     budget, ids, q = tree.Budget(max_depth=4, branch=2, max_nodes_per_level=16), demo_ids(target[1]), [None]
@@ -1490,6 +1504,49 @@ def test_demo_draft_as_its_own_draft_accepts_every_greedy_node():
     p = p[torch.arange(len(out)), torch.tensor(out)]
     drafted = [i for i, x in enumerate(q[:len(out)]) if x is not None]
     assert torch.allclose(torch.tensor([q[i] for i in drafted]), p[drafted], rtol=1e-3, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- README.md
+
+def definitions(path):
+    """{name: first line (its decorators included)} of every class and function in a file,
+    methods also as Class.method."""
+    found = {}
+
+    def visit(node, prefix=""):
+        for n in ast.iter_child_nodes(node):
+            if isinstance(n, (ast.FunctionDef, ast.ClassDef)):
+                line = min([n.lineno] + [d.lineno for d in n.decorator_list])
+                found.setdefault(n.name, line)
+                found[prefix + n.name] = line
+                if isinstance(n, ast.ClassDef):
+                    visit(n, n.name + ".")
+    visit(ast.parse(path.read_text()))
+    return found
+
+
+def test_the_reading_order_is_true():
+    """Every row of the README's Reading order names a file and line ranges that exist, and
+    each class or function it names in backticks starts inside its row's ranges."""
+    section = (HERE / "README.md").read_text().split("## Reading order")[1].split("\n## ")[0]
+    rows, path = 0, None
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or not re.fullmatch(r"all|[0-9–, ]+", cells[2]):
+            continue
+        path = HERE / cells[1].strip("`") if cells[1] else path
+        assert path.is_file(), cells
+        lines, rows = len(path.read_text().splitlines()), rows + 1
+        if cells[2] == "all":
+            continue
+        ranges = [tuple(map(int, r.split("–"))) for r in cells[2].split(", ")]
+        assert all(1 <= a <= b <= lines for a, b in ranges), (path.name, ranges, lines)
+        names = [n for n in re.findall(r"`([A-Za-z_][\w.]*)`", cells[3]) if not n.endswith((".py", ".cu", ".cpp"))]
+        defined = definitions(path)
+        for name in names:
+            assert name in defined, (path.name, name)
+            assert any(a <= defined[name] <= b for a, b in ranges), (path.name, name, defined[name], ranges)
+    assert rows >= 8
 
 
 def test_nvcc_compiles_the_kernel(tmp_path):

@@ -197,7 +197,7 @@ def grow(draft, tokens, plan: Plan, g: Growth):
     if not plan.drafts:
         return hang_lookup(t, g, plan.lookup(t, ROOT, min(len(g.guess), g.budget.max_total_nodes)))
     new = tokens[draft.length:]
-    q_frontier = distribution(g, draft(torch.tensor([new], device=draft.device), last=1)[0, :, :g.vocab])
+    q_frontier = proposal(g.settings, draft(torch.tensor([new], device=draft.device), last=1)[0, :, :g.vocab], g.drawn)
     frontier, t.levels = [ROOT], 1
     for depth in range(1, g.budget.max_depth + 1):
         level = choose(t, g, expand(t, g, frontier, q_frontier, depth), depth)
@@ -219,16 +219,12 @@ def grow(draft, tokens, plan: Plan, g: Growth):
     return t
 
 
-def proposal(settings, logits):
-    """The draft's q over the vocabulary, as proposals are ranked and verified: the sampling
-    distribution at temperature > 0; greedy ranks by the plain softmax (its one-hot argmax
-    would rank nothing). Shared by chain steps (specdecode.py) and trees."""
-    return settings.probs(logits) if settings.temperature > 0 else sampler.probs(logits)
-
-
-def distribution(g: Growth, logits):
-    """The draft's q at each frontier node: drawn children need the exact q they are drawn from."""
-    return g.settings.probs(logits) if g.drawn else proposal(g.settings, logits)
+def proposal(settings, logits, drawn=False):
+    """The draft's q over the vocabulary, as proposals are ranked and verified: drawn ones
+    need the exact distribution they are drawn from, the sampling one; point masses may be
+    ranked by any q, so greedy ranks by the plain softmax (its one-hot argmax would rank
+    nothing). Shared by chain steps (specdecode.py) and trees."""
+    return settings.probs(logits) if drawn or settings.temperature > 0 else sampler.probs(logits)
 
 
 def expand(t: Tree, g: Growth, frontier, q_frontier, depth):
@@ -290,7 +286,7 @@ def feed_level(draft, t: Tree, g: Growth, first, depth):
     positions = torch.tensor([[g.prefix - 1 + depth] * n], device=draft.device)
     logits = draft(torch.tensor([t.tokens[first:]], device=draft.device), positions, mask.to(draft.device))
     t.levels += 1
-    return distribution(g, logits[0, :, :g.vocab])
+    return proposal(g.settings, logits[0, :, :g.vocab], g.drawn)
 
 
 def hang_lookup(t: Tree, g: Growth, n):
