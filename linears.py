@@ -13,6 +13,7 @@ the one way to say a line on stderr, and the loader that compiles a kernel on fi
 (qmatmul.cpp here, sampler.cu for sampler.py).
 """
 import ctypes
+import functools
 import hashlib
 import json
 import sys
@@ -67,6 +68,7 @@ def compiled(source, instead, why_not=None, **flags):
     return _built[source]
 
 
+@functools.cache
 def qmatmul():
     """qmatmul.cpp built for this CPU (-march=native differs by CPU, so the build is named by its flags), or None."""
     flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
