@@ -324,7 +324,7 @@ def bench_forward(a, reps=21):
 def one_token_breakdown(m, reps=10):
     """Of a one-token pass: ms in its linears (each call timed) and outside them, and
     torch.profiler's costliest ops outside them (qmatmul.cpp's calls are not torch ops)."""
-    linears = [mod for mod in m.modules() if isinstance(mod, (linears.Linear, linears.QLinear))]
+    layers = [mod for mod in m.modules() if isinstance(mod, (linears.Linear, linears.QLinear))]
     spent = [0.0]
 
     def timed(f):
@@ -335,7 +335,7 @@ def one_token_breakdown(m, reps=10):
             return y
         return call
 
-    for mod in linears:
+    for mod in layers:
         mod.forward = timed(mod.forward)
     total = time.perf_counter()
     with torch.profiler.profile() as prof:
@@ -343,7 +343,7 @@ def one_token_breakdown(m, reps=10):
             m.truncate(100)
             m(torch.tensor([[7]], device=m.device), last=1)
     total = time.perf_counter() - total
-    for mod in linears:
+    for mod in layers:
         del mod.forward                                  # the class's forward again
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:6]
     return {"linears ms": spent[0] / reps * 1e3, "rest ms": (total - spent[0]) / reps * 1e3,
