@@ -21,9 +21,8 @@ the m best candidates that maximise E / time, and the draft goes on while that r
 expected to rise within K_MAX more levels; a chain drafts on the same rule. A run of
 lookup tokens hangs as many as pay. Whether to draft at all is the same rule at size
 zero: the draft's recent steps (their tokens over their priced time) against a plain
-step (one token, one one-token pass) and a lookup run from the root.
-
-The plans (`Fixed`, `AutoPlan`) implement tree.Plan: they read the tree and return numbers.
+step (one token, one one-token pass) and a lookup run from the root. A drafted step also
+costs what its passes do not explain (growing and verifying a tree: measured, `Auto.extra`).
 """
 import bisect
 import math
@@ -41,7 +40,7 @@ from linears import say
 WIDTHS = (1, 2, 4, 8, 16, 32)     # the widths of the passes a step makes: a draft step, a chain, a tree
 K_MAX = 12                        # a guess: the longest chain --k auto drafts (and the cache headroom it needs)
 RECENT = 8                        # a guess: drafted steps the draft is judged on (a few steps' noise averages out),
-                                  # and steps without it before it is tried again
+                                  # and steps without it before it is tried again (then twice as many, up to 8x)
 DECAY = 0.9                       # a guess: each step weighs the acceptance counts before it by this (~10 steps count)
 DEEPEST = tree.Budget.max_depth   # acceptance is counted per depth up to the default --max-depth; deeper share it
 
@@ -216,7 +215,8 @@ class Auto:
     def __init__(self, target: Costs, draft: Costs):
         self.target, self.draft = target, draft
         self.acceptance, self.lookups, self.match = Acceptance(), LookupRates(), 0
-        self.recent, self.idle = [], 0               # (tokens, tree) of the last drafted steps; steps since
+        self.recent, self.idle, self.patience = [], 0, RECENT    # drafted steps' (tokens, tree); since; before a try
+        self.beyond, self.extra = {True: [], False: []}, 0.0   # drafted? -> a step's seconds beyond its passes
 
     def plan(self, guess=(), match=0):
         """This step's plan: draft, or not (a plain step, or the lookup run alone)."""
@@ -224,20 +224,27 @@ class Auto:
         runs = self.lookups.runs(match, len(guess)) if guess else []
         _, alone = AutoPlan(self, runs, False).best_run(tree.Tree(), tree.ROOT, len(guess))
         drafted = sum(n for n, _ in self.recent) / sum(self.price(t) for _, t in self.recent) if self.recent else math.inf
-        drafts = drafted > alone or self.idle >= RECENT     # alone: at least a plain step's 1 / seconds(1)
-        self.idle = 0 if drafts else self.idle + 1           # a draft that lost is tried again now and then
+        wins = drafted > alone                               # alone: at least a plain step's 1 / seconds(1)
+        drafts = wins or self.idle >= self.patience          # a draft that lost is tried again, ever less often:
+        self.patience = RECENT if wins else min(2 * self.patience, 8 * RECENT) if drafts else self.patience
+        self.idle = 0 if drafts else self.idle + 1           # each try costs a catch-up pass over the steps missed
         return AutoPlan(self, runs, drafts)
 
     def draft_seconds(self, t):
-        """Priced seconds of a tree's draft passes so far: the root's, then each fed level's width."""
+        """Priced seconds of a tree's drafting so far: its draft passes (the root's, then each fed
+        level's width), and `extra`, what a drafted step takes beyond its passes more than a plain one."""
         widths = [t.depths.count(d) for d in range(1, t.levels)]
-        return self.draft.seconds(1) + sum(self.draft.seconds(w) for w in widths) if t.levels else 0.0
+        return self.draft.seconds(1) + sum(self.draft.seconds(w) for w in widths) + self.extra if t.levels else 0.0
 
     def price(self, t):
         """Priced seconds of a step's tree: its draft passes and the target pass over its nodes and the root."""
         return self.draft_seconds(t) + self.target.seconds(len(t.tokens) + 1)
 
     def observe(self, step):
+        if not math.isnan(step.seconds):             # what its passes do not explain; medians of the last RECENT
+            drafted, passes = step.tree.levels > 0, self.price(step.tree) - (self.extra if step.tree.levels else 0)
+            self.beyond[drafted] = (self.beyond[drafted] + [step.seconds - passes])[-RECENT:]
+            self.extra = max(0.0, statistics.median(self.beyond[True] or [0]) - statistics.median(self.beyond[False] or [0]))
         if step.tree.levels:
             self.recent = (self.recent + [(len(step.tokens), step.tree)])[-RECENT:]    # priced at today's costs
         self.acceptance.observe(step.tree, step.path)

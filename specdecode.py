@@ -22,9 +22,6 @@ A run keeps one list `tokens` (prompt + output). Every cache holds a prefix of i
 forward feeds whatever the cache lacks, and rolling back is setting the cache length. The
 target's pass over the prompt comes first (`prefill`), the same in every mode; every step
 after it is speculative, or a plain step where the plan does not draft.
-
-Reading order: the steps, then `generate`, then Options and Stats, the Python API, the
-command line.
 """
 import argparse
 import math
@@ -66,6 +63,7 @@ class Step:
     tokens: list
     tree: "tree.Tree" = field(default_factory=tree.Tree)
     path: list = field(default_factory=list)
+    seconds: float = math.nan       # its wall time, measured by generate (the policy prices what passes do not explain)
 
 
 @dataclass
@@ -73,7 +71,6 @@ class Run:
     """What a run changes (the user's choices are Options): tokens, random streams, policy, stats."""
     tokens: list
     vocab: int
-    device: object
     generator: torch.Generator      # rejection sampling's random numbers
     races: sampler.Races            # the exponentials of each output position
     policy: object                  # policy.Auto or policy.Fixed
@@ -111,17 +108,17 @@ def chain_step(target, draft, run, opts):
         logits = feed(draft, run.tokens + drafts)[0, -1, :run.vocab]
         q = opts.settings.probs(logits)
         e = run.races.at(prefix + len(drafts))[0] if opts.verify == "coupled" else \
-            sampler.exponentials(run.vocab, generator=run.generator, device=run.device, one_hot=opts.greedy)
+            sampler.exponentials(run.vocab, generator=run.generator, device=target.device, one_hot=opts.greedy)
         drafts.append(int(sampler.draw(q, e)))
         qs.append(q)
         q_drafts.append(float(tree.proposal(opts.settings, logits)[drafts[-1]]))
     # verify: ONE target pass over the K + 1 positions
-    k, proposed = len(drafts), torch.tensor([drafts], device=run.device)
+    k, proposed = len(drafts), torch.tensor([drafts], device=target.device)
     p = opts.settings.probs(feed(target, run.tokens, drafts, last=k + 1)[:, :, :run.vocab])
     if opts.verify == "coupled":
         out, n = sampler.coupled_sample(p, proposed, run.races.at(prefix, k + 1)[None])
     else:
-        u, e = sampler.random_inputs(1, k, run.vocab, run.generator, run.device, one_hot=opts.greedy)
+        u, e = sampler.random_inputs(1, k, run.vocab, run.generator, target.device, one_hot=opts.greedy)
         out, n = sampler.rejection_sample(p, torch.stack(qs)[None], proposed, u, e)
     # accept: n draft tokens and the target's own; both caches roll back to them
     n = int(n)
@@ -167,7 +164,9 @@ def generate(prompt_ids, target, draft, opts: "Options", on_tokens=None):
             on_tokens(out)
         if stop is not None or len(out) == opts.max_new_tokens:
             break
+        began = time.perf_counter()
         step = STEPS[opts.mode](model, draft, run, opts)
+        step.seconds = time.perf_counter() - began
         run.policy.observe(step)
         stats.record(step)
         if opts.on_tree and opts.mode == "tree":
@@ -203,7 +202,7 @@ def new_run(prompt_ids, target, draft, opts: "Options"):
         m.setup_cache(need + opts.headroom)
     if draft is not None:                   # the draft proposes from its commonest tokens, the prompt's, and the stops
         draft[0].restrict_head([*range(DRAFT_VOCAB), *prompt_ids, *tok.stop_ids])
-    return Run(list(prompt_ids), vocab, model.device,
+    return Run(list(prompt_ids), vocab,
                torch.Generator(device=model.device).manual_seed(opts.settings.seed),
                sampler.Races(opts.settings.seed, vocab, model.device, one_hot=opts.greedy), chooser,
                Stats(mode=opts.mode, prompt_tokens=len(prompt_ids)))
@@ -329,13 +328,8 @@ class Stats:
         self.drafted_per_step.append(len(t.tokens))
         self.accepted_per_step.append(len(step.path))
 
-    @property
-    def drafted(self):
-        return sum(self.drafted_per_step)
-
-    @property
-    def accepted(self):
-        return sum(self.accepted_per_step)
+    drafted = property(lambda self: sum(self.drafted_per_step))
+    accepted = property(lambda self: sum(self.accepted_per_step))
 
     @property
     def tokens_per_second(self):

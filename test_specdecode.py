@@ -445,7 +445,7 @@ def step_of(n_tokens, levels=1, nodes=1):
 def test_a_draft_that_does_not_pay_gives_plain_steps_and_is_tried_again():
     """The zero-size plan: a draft whose recent steps gave fewer tokens per priced second than
     a plain step (1 token per target.seconds(1)) is not run, and is tried again after RECENT
-    plain steps. One that pays keeps drafting."""
+    plain steps, then after twice as many. One that pays keeps drafting."""
     flat = policy.Costs((1, 32), (1.0, 1.0))
     for tokens, pays in ((1, False), (3, True)):       # 1 token per step (1.2 s) loses to 1 per 1 s
         p = policy.Auto(flat, policy.Costs((1, 32), (0.2, 0.2)))
@@ -453,11 +453,27 @@ def test_a_draft_that_does_not_pay_gives_plain_steps_and_is_tried_again():
         for _ in range(policy.RECENT):
             p.observe(step_of(tokens))
         kinds = []
-        for _ in range(2 * policy.RECENT + 2):
+        for _ in range(3 * policy.RECENT + 2):
             plan = p.plan()
             kinds.append(plan.drafts)
             p.observe(step_of(tokens) if plan.drafts else step_of(1, levels=0, nodes=0))
-        assert kinds == ([True] * len(kinds) if pays else ([False] * policy.RECENT + [True]) * 2)
+        lost = [False] * policy.RECENT + [True] + [False] * 2 * policy.RECENT + [True]
+        assert kinds == ([True] * len(kinds) if pays else lost)
+
+
+def test_what_a_drafted_step_costs_beyond_its_passes_is_priced():
+    """Drafted steps that pay on their priced passes (2 tokens in 1.2 s against a plain step's
+    1 in 1 s) but take 1.3 s more than those passes on the clock (growing, verifying, catching
+    the draft up), where plain steps take what their pass does: the plan stops drafting."""
+    p = policy.Auto(policy.Costs((1, 32), (1.0, 1.0)), policy.Costs((1, 32), (0.2, 0.2)))
+    for _ in range(policy.RECENT):
+        p.observe(step_of(2))
+    assert p.plan().drafts
+    for seconds, step in ((2.5, step_of(2)), (1.0, step_of(1, levels=0, nodes=0))):
+        for _ in range(policy.RECENT):
+            step.seconds = seconds
+            p.observe(step)
+    assert p.extra == pytest.approx(1.3) and not p.plan().drafts
 
 
 def given_costs(monkeypatch):

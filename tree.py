@@ -53,8 +53,7 @@ class Budget:
 
 
 class Plan(Protocol):
-    """What `grow` asks of one step's plan (policy.py: Fixed fills the budgets, Auto maximises
-    expected tokens per second). Every method returns a number and changes nothing."""
+    """What `grow` asks of a step's plan (policy.py's Fixed and AutoPlan): numbers; nothing changes."""
     drafts: bool                   # whether this step runs the draft (else lookup tokens alone, or a plain step)
 
     def value(self, t: "Tree", parent, q: float) -> float:
