@@ -26,11 +26,11 @@ costs what its passes do not explain (growing and verifying a tree: measured, `A
 """
 import bisect
 import math
-from itertools import accumulate
 import statistics
 import time
 import weakref
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
