@@ -111,7 +111,7 @@ def chain_step(target, draft, run, opts):
             sampler.exponentials(run.vocab, generator=run.generator, device=target.device, one_hot=opts.greedy)
         drafts.append(int(sampler.draw(q, e)))
         qs.append(q)
-        q_drafts.append(float(tree.proposal(opts.settings, logits)[drafts[-1]]))
+        q_drafts.append(float((q if opts.settings.temperature > 0 else tree.proposal(opts.settings, logits))[drafts[-1]]))
     # verify: ONE target pass over the K + 1 positions
     k, proposed = len(drafts), torch.tensor([drafts], device=target.device)
     p = opts.settings.probs(feed(target, run.tokens, drafts, last=k + 1)[:, :, :run.vocab])
