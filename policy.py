@@ -29,6 +29,7 @@ import math
 import statistics
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -216,7 +217,7 @@ class Auto:
         self.target, self.draft = target, draft
         self.acceptance, self.lookups, self.match = Acceptance(), LookupRates(), 0
         self.recent, self.idle, self.patience = [], 0, RECENT    # drafted steps' (tokens, tree); since; before a try
-        self.beyond, self.extra = {True: [], False: []}, 0.0   # drafted? -> a step's seconds beyond its passes
+        self.beyond, self.extra = {True: deque(maxlen=RECENT), False: deque(maxlen=RECENT)}, 0.0  # drafted? -> s beyond
 
     def plan(self, guess=(), match=0):
         """This step's plan: draft, or not (a plain step, or the lookup run alone)."""
@@ -230,20 +231,20 @@ class Auto:
         self.idle = 0 if drafts else self.idle + 1           # each try costs a catch-up pass over the steps missed
         return AutoPlan(self, runs, drafts)
 
-    def draft_seconds(self, t):
+    def draft_seconds(self, t, extra=True):
         """Priced seconds of a tree's drafting so far: its draft passes (the root's, then each fed
         level's width), and `extra`, what a drafted step takes beyond its passes more than a plain one."""
         widths = [t.depths.count(d) for d in range(1, t.levels)]
-        return self.draft.seconds(1) + sum(self.draft.seconds(w) for w in widths) + self.extra if t.levels else 0.0
+        passes = self.draft.seconds(1) + sum(self.draft.seconds(w) for w in widths) if t.levels else 0.0
+        return passes + (self.extra if extra and t.levels else 0.0)
 
-    def price(self, t):
-        """Priced seconds of a step's tree: its draft passes and the target pass over its nodes and the root."""
-        return self.draft_seconds(t) + self.target.seconds(len(t.tokens) + 1)
+    def price(self, t, extra=True):
+        """Priced seconds of a step's tree: its drafting and the target pass over its nodes and the root."""
+        return self.draft_seconds(t, extra) + self.target.seconds(len(t.tokens) + 1)
 
     def observe(self, step):
         if not math.isnan(step.seconds):             # what its passes do not explain; medians of the last RECENT
-            drafted, passes = step.tree.levels > 0, self.price(step.tree) - (self.extra if step.tree.levels else 0)
-            self.beyond[drafted] = (self.beyond[drafted] + [step.seconds - passes])[-RECENT:]
+            self.beyond[step.tree.levels > 0].append(step.seconds - self.price(step.tree, extra=False))
             self.extra = max(0.0, statistics.median(self.beyond[True] or [0]) - statistics.median(self.beyond[False] or [0]))
         if step.tree.levels:
             self.recent = (self.recent + [(len(step.tokens), step.tree)])[-RECENT:]    # priced at today's costs

@@ -318,8 +318,7 @@ class Stats:
     drafted_per_step: list = field(default_factory=list)    # tokens the target checked: K (chain), nodes (tree)
     accepted_per_step: list = field(default_factory=list)   # draft tokens the target kept (a tree's accepted depth)
 
-    def record(self, step):
-        """A step after the prompt's pass."""
+    def record(self, step):                      # a step after the prompt's pass
         t = step.tree
         self.target_passes += 1
         self.draft_passes += t.levels
