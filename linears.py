@@ -76,6 +76,11 @@ def qmatmul():
                     "3x fewer bytes)", name=f"specdecode_qmatmul_{hashlib.sha1(flags.encode()).hexdigest()[:8]}",
                     extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"])
 
+def row_ops(x):
+    """qmatmul.cpp where its row-wise ops serve x (bf16 on the CPU, the file built), else None."""
+    return qmatmul() if x.device.type == "cpu" and x.dtype == torch.bfloat16 else None
+
+
 MIN_ROWS = 4   # measured (Zen 4, Zen 5, Intel family 6 model 207): oneDNN's packed kernels give a row the same
                # bits for any call of 4 or more rows (bf16 and fp32; 1-3 rows take other kernels), and read
                # bf16 weights ~25% faster at 4 rows than at 1-3: fewer rows are padded with zeros

@@ -115,7 +115,9 @@ def apply_rope(x, cos, sin):
     """Rotate pairs (x_i, x_{i+d/2}) by angle position * theta_i:
         (x_i, x_{i+d/2}) -> (x_i cos - x_{i+d/2} sin,  x_{i+d/2} cos + x_i sin).
     x: [B, H, T, d]; cos, sin: [B, 1, T, d], sin's first half negated (`setup_cache`), so the
-    rotation is x cos + roll(x, d/2) sin: three ops, not six."""
+    rotation is x cos + roll(x, d/2) sin: three ops, not six (one where qmatmul.cpp serves x)."""
+    if ext := linears.row_ops(x):
+        return ext.rope(x, cos, sin)
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
@@ -125,7 +127,9 @@ class RMSNorm(nn.Module):
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        """x / sqrt(mean(x^2) + eps) in float32 (torch's fused kernel: one op, not six), rounded, times w."""
+        """x / sqrt(mean(x^2) + eps) in float32, rounded, times w (the same in one call where qmatmul.cpp serves x)."""
+        if ext := linears.row_ops(x):
+            return ext.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype) * self.weight
 
 

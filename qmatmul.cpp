@@ -299,15 +299,20 @@ constexpr std::array<TileFn, sizeof...(M)> table(std::integer_sequence<int, M...
     return {tile_rows<M + 1, ONE ? 1 : tiles_at_once(M + 1, FOUR), FOUR>...};
 }
 
+struct Prepared {               // a call's rows as its path reads them (kept per thread: no allocation a call)
+    std::vector<int8_t> xq;     // int8 path: round(x / dx)
+    std::vector<float> dx;      // int8 path: (rows, K / QGROUP)
+    std::vector<float> xsum;    // (rows, K / Gs), 4-bit only
+};
+
 // Each row's inputs as the path reads them: int8 (xq, dx: per QGROUP inputs) where it runs, and
 // each row's sum over each weight group (4-bit only: m's term), all row by row.
-void prepare_rows(const uint16_t* x, int64_t rows, int64_t K, int64_t Gs, bool four,
-                  torch::Tensor& xq, torch::Tensor& dx, torch::Tensor& xsum) {
-    xq = torch::empty({INT8 ? rows : 0, K}, torch::kInt8);
-    dx = torch::empty({INT8 ? rows : 0, K / QGROUP}, torch::kFloat32);
-    xsum = torch::zeros({four ? rows : 0, K / Gs}, torch::kFloat32);
-    int8_t* q = xq.data_ptr<int8_t>();
-    float *d = dx.data_ptr<float>(), *s = xsum.data_ptr<float>();
+void prepare_rows(const uint16_t* x, int64_t rows, int64_t K, int64_t Gs, bool four, Prepared& out) {
+    out.xq.resize(INT8 ? rows * K : 0);
+    out.dx.resize(INT8 ? rows * (K / QGROUP) : 0);
+    out.xsum.assign(four ? rows * (K / Gs) : 0, 0.f);
+    int8_t* q = out.xq.data();
+    float *d = out.dx.data(), *s = out.xsum.data();
     for (int64_t r = 0; r < rows; r++) {
         if (INT8)
             for (int64_t a = 0; a < K / QGROUP; a++) {
@@ -345,8 +350,9 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales, to
     TORCH_CHECK(!INT8 || (QGROUP % Gs == 0 && K % QGROUP == 0),
                 "int8 activations need groups of at most ", QGROUP, " inputs, not ", Gs);
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
-    torch::Tensor xq, dx, xsum;
-    prepare_rows(xp, rows, K, Gs, four, xq, dx, xsum);
+    thread_local Prepared per_thread;
+    Prepared& in_rows = per_thread;                    // this thread's: the workers below read it too
+    prepare_rows(xp, rows, K, Gs, four, in_rows);
     Blocks b{q.data_ptr<uint8_t>(), reinterpret_cast<const uint8_t*>(scales.data_ptr()),
              four ? mins.data_ptr<uint8_t>() : nullptr, d.data_ptr<at::Half>(), four ? dmin.data_ptr<at::Half>() : nullptr,
              K, Gs, Gd, narrow};
@@ -364,9 +370,9 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales, to
             const int64_t end = std::min<int64_t>(block + BLOCK, t1);
             for (int64_t r = 0; r < rows; r += MAX_ROWS) {
                 const int64_t m = std::min<int64_t>(MAX_ROWS, rows - r), step = tiles_at_once(m, four);
-                const Rows in{xp + r * K, xq.numel() ? xq.data_ptr<int8_t>() + r * K : nullptr,
-                              dx.numel() ? dx.data_ptr<float>() + r * (K / QGROUP) : nullptr,
-                              four ? xsum.data_ptr<float>() + r * (K / Gs) : nullptr};
+                const Rows in{xp + r * K, INT8 ? in_rows.xq.data() + r * K : nullptr,
+                              INT8 ? in_rows.dx.data() + r * (K / QGROUP) : nullptr,
+                              four ? in_rows.xsum.data() + r * (K / Gs) : nullptr};
                 int64_t t = block;
                 for (; t + step <= end; t += step) many[m - 1](b, t, in, yp + r * N, N, bp);
                 for (; t < end; t++) one[m - 1](b, t, in, yp + r * N, N, bp);
@@ -434,8 +440,61 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
     return y.to(q.scalar_type());
 }
 
+// ---------------------------------------------------------------------------- row-wise ops
+// A one-token pass makes ~90 of these; torch spends 20-70 us on each (several small ops, a
+// parallel region), this file a few. model.py's torch code is their definition; each row here
+// alone, its sums in one order, so a row's bits do not depend on the rows beside it.
+
+// RMSNorm of bf16 rows: bf16(bf16(x / sqrt(mean(x^2) + eps)) * w), mean(x^2) summed in float32.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+    const int64_t d = x.size(-1);
+    TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16 && w.numel() == d,
+                "rms_norm: bf16 x (..., d), bf16 w (d)");
+    const auto xc = x.contiguous(), wc = w.contiguous();
+    auto y = torch::empty_like(xc);
+    const uint16_t *xp = reinterpret_cast<const uint16_t*>(xc.data_ptr()), *wp = reinterpret_cast<const uint16_t*>(wc.data_ptr());
+    uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+    at::parallel_for(0, xc.numel() / d, 16, [&](int64_t r0, int64_t r1) {
+        std::vector<float> v(d);
+        for (int64_t r = r0; r < r1; r++) {
+            for (int64_t k = 0; k < d; k++) v[k] = bf16_float(xp[r * d + k]);
+            const float scale = 1.f / std::sqrt(dot(v.data(), v.data(), d) / float(d) + float(eps));
+            for (int64_t k = 0; k < d; k++)
+                yp[r * d + k] = float_bf16(bf16_float(float_bf16(v[k] * scale)) * bf16_float(wp[k]));
+        }
+    });
+    return y;
+}
+
+// RoPE (model.py's apply_rope): bf16 x (B, H, T, d), cos and sin (B, 1, T, d), sin's first half
+// negated: bf16(bf16(x cos) + bf16(roll(x, d/2) sin)), as torch rounds each of its three ops.
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+    TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kBFloat16 && cos.scalar_type() == torch::kBFloat16 &&
+                sin.scalar_type() == torch::kBFloat16 && cos.numel() == x.size(0) * x.size(2) * x.size(3) &&
+                sin.numel() == cos.numel(), "rope: bf16 x (B, H, T, d), cos and sin (B, 1, T, d)");
+    const auto xc = x.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
+    auto y = torch::empty_like(xc);
+    const int64_t H = x.size(1), T = x.size(2), d = x.size(3);
+    const uint16_t *xp = reinterpret_cast<const uint16_t*>(xc.data_ptr()), *cp = reinterpret_cast<const uint16_t*>(cc.data_ptr()),
+                   *sp = reinterpret_cast<const uint16_t*>(sc.data_ptr());
+    uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+    at::parallel_for(0, xc.numel() / d, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++) {                      // row r: (b, h, t), its angles (b, t)
+            const uint16_t *v = xp + r * d, *c = cp + (r / (H * T) * T + r % T) * d, *s = sp + (c - cp);
+            for (int64_t k = 0; k < d; k++) {
+                const uint16_t turn = v[k < d / 2 ? k + d / 2 : k - d / 2];
+                yp[r * d + k] = float_bf16(bf16_float(float_bf16(bf16_float(v[k]) * bf16_float(c[k]))) +
+                                           bf16_float(float_bf16(bf16_float(turn) * bf16_float(s[k]))));
+            }
+        }
+    });
+    return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("qmatmul", &qmatmul, "y = x W^T + b, W as quantized blocks in 16-output tiles");
     m.def("attend", &attend, "softmax(q k^T / sqrt(d)) v, each query alone over its mask row's keys, in slot order");
+    m.def("rms_norm", &rms_norm, "RMSNorm of bf16 rows, each alone");
+    m.def("rope", &rope, "rotary position embedding of bf16 rows, each alone");
     m.attr("activations") = INT8 ? "int8" : "bf16";
 }

@@ -249,6 +249,24 @@ def test_attend_is_the_masked_softmax_and_a_query_alone(dtype):
         assert torch.equal(ext.attend(q[:, :, i:i + 1], k, v, mask[i:i + 1]), y[:, :, i:i + 1])
 
 
+def test_row_ops_are_model_py_s_torch_code_a_row_alone():
+    """qmatmul.cpp's RMSNorm against float64 within its two bf16 roundings (its sum's order is
+    its own), its RoPE bit for bit model.py's torch rotation (the same three roundings, on a
+    transposed view as model.py passes); and each row's bits are those of a call with it alone."""
+    ext, g = linears.qmatmul(), torch.Generator().manual_seed(0)
+    x, w = (3 * torch.randn(1, 9, 96, generator=g)).bfloat16(), torch.randn(96, generator=g).bfloat16()
+    y = ext.rms_norm(x, w, 1e-6)
+    ref = x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * w.double()
+    assert y.dtype == torch.bfloat16 and ((y.double() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-30).all()
+    qk = torch.randn(1, 9, 6, 32, generator=g).bfloat16().transpose(1, 2)          # (B, H, T, d), strided
+    cos, sin = torch.randn(2, 1, 1, 9, 32, generator=g).bfloat16()
+    r = ext.rope(qk, cos, sin)
+    assert torch.equal(r, qk * cos + qk.roll(16, -1) * sin)
+    for i in range(9):
+        assert torch.equal(ext.rms_norm(x[:, i:i + 1], w, 1e-6), y[:, i:i + 1])
+        assert torch.equal(ext.rope(qk[:, :, i:i + 1], cos[:, :, i:i + 1], sin[:, :, i:i + 1]), r[:, :, i:i + 1])
+
+
 def test_quantize_4bit_keeps_weights_on_its_grid_and_rounds_others_within_half_a_step():
     """--quant int4 (Q4_1's rule, groups of 32): a W already on such a grid comes back exactly;
     any W within half a step of its group (plus the float16 rounding of d and dmin)."""
