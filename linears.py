@@ -248,9 +248,10 @@ def read_state(path, device, dtype):
 
 def place_blocks(state, blocks, config, device, dtype, quant):
     """Decide, at load, which linears run as blocks: with quant "int4" dense and 8-bit linears
-    are rounded to 4 bits first; where qmatmul.cpp cannot run them (not the CPU in bf16, no
-    compiler, quant "none") they are dequantised into state; the embedding always is (a
-    lookup), and a tied head reads the embedding's blocks."""
+    are rounded to 4 bits first, with "draft" (a draft's "auto") its 8-bit blocks only; where
+    qmatmul.cpp cannot run them (not the CPU in bf16, no compiler, quant "none") they are
+    dequantised into state; the embedding always is (a lookup), and a tied head reads the
+    embedding's blocks."""
     if quant == "int4":
         say("int4: dense and 8-bit linears are rounded to 4 bits (Q4_1's rule): an approximate model", once=True)
         for k in [k for k in state if k.endswith("proj.weight") or k == "lm_head.weight"]:
@@ -258,6 +259,7 @@ def place_blocks(state, blocks, config, device, dtype, quant):
             if b is not None:
                 blocks[k[:-len(".weight")]] = b
                 del state[k]
+    if quant in ("int4", "draft"):
         for k in [k for k in blocks if k != "model.embed_tokens" and "mins" not in blocks[k]]:
             blocks[k] = quantize_4bit(dequantize(blocks[k])) or blocks[k]
     kernel = device == "cpu" and dtype == torch.bfloat16 and quant != "none"
@@ -324,8 +326,9 @@ def read_config(path):
 def load(model, path, device, dtype, quant):
     """The folder's weights into `model` (built on the meta device): dense tensors (memory-mapped,
     cast once) and quantized blocks as QLinear where qmatmul.cpp runs them, then every dense
-    linear packed for the CPU. quant: "auto" runs blocks where the folder holds them, "none"
-    dequantises them, "int4" also rounds dense linears to 4 bits (lossy)."""
+    linear packed for the CPU. quant: "auto" runs blocks where the folder holds them, "draft"
+    too with 8-bit ones rounded to 4 bits, "none" dequantises them, "int4" also rounds dense
+    linears to 4 bits (lossy)."""
     state, blocks = read_state(path, device, dtype)
     place_blocks(state, blocks, model.config, device, dtype, quant)
     fuse(state, blocks, dtype)

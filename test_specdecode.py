@@ -1450,8 +1450,11 @@ def demo_pair():
 def test_demo_pair_every_mode_emits_ar_s_tokens(demo_pair, temperature):
     """On the real pair: greedy, and coupled sampling with one seed, give ar's 24 tokens in
     every mode, while the draft's tokens are accepted where the plan must draft (so the check
-    is not vacuous)."""
+    is not vacuous). The draft runs as load_pair makes it, its 8-bit blocks at 4 bits; the
+    target's Q6_K blocks are kept."""
     target, draft = demo_pair
+    parts = lambda m: [p for lin in m.modules() if isinstance(lin, linears.QLinear) for p in lin.parts]
+    assert all(p[2].numel() for p in parts(draft[0].model.layers)) and not all(p[2].numel() for p in parts(target[0]))
     ids = demo_ids(target[1])
     opts = lambda **kw: sd.Options(max_new_tokens=24, settings=sd.Settings(temperature=temperature, seed=7), **kw)
     want, _ = sd.generate(ids, target, None, opts(mode="ar"))
