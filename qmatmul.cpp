@@ -225,6 +225,7 @@ void tile_rows(const Blocks& b, int64_t t, const Rows& in, uint16_t* y, int64_t 
                     sum[u][m][0] = _mm256_add_epi32(sum[u][m][0], FOUR ? _mm256_add_epi32(lo32(a), hi32(a)) : lo32(a));
                     sum[u][m][1] = _mm256_add_epi32(sum[u][m][1], FOUR ? _mm256_add_epi32(lo32(z), hi32(z)) : hi32(a));
                 }
+            if (FOUR) break;                  // one chunk is the group: the 32-bit sums hold no registers meanwhile
         }
         #pragma GCC unroll 4
         for (int u = 0; u < T; u++) {                                 // acc += s dx sum - m dx sum xq
