@@ -23,6 +23,8 @@ lookup tokens hangs as many as pay. Whether to draft at all is the same rule at 
 zero: the draft's recent steps (their tokens over their priced time) against a plain
 step (one token, one one-token pass) and a lookup run from the root. A drafted step also
 costs what its passes do not explain (growing and verifying a tree: measured, `Auto.extra`).
+A draft that loses is tried again ever less often, and only while its tries have lost at
+most EXPLORE of the run's time: each pays a draft pass over every token it missed.
 """
 import bisect
 import math
@@ -42,6 +44,7 @@ WIDTHS = (1, 2, 4, 8, 16, 32)     # the widths of the passes a step makes: a dra
 K_MAX = 12                        # a guess: the longest chain --k auto drafts (and the cache headroom it needs)
 RECENT = 8                        # a guess: drafted steps the draft is judged on (a few steps' noise averages out),
                                   # and steps without it before it is tried again (then twice as many, up to 8x)
+EXPLORE = 0.1                     # a guess: the share of a run's time that tries of a losing draft may lose
 DECAY = 0.9                       # a guess: each step weighs the acceptance counts before it by this (~10 steps count)
 DEEPEST = tree.Budget.max_depth   # acceptance is counted per depth up to the default --max-depth; deeper share it
 
@@ -217,6 +220,7 @@ class Auto:
         self.target, self.draft = target, draft
         self.acceptance, self.lookups, self.match = Acceptance(), LookupRates(), 0
         self.recent, self.idle, self.patience = [], 0, RECENT    # drafted steps' (tokens, tree); since; before a try
+        self.trying, self.lost, self.elapsed = False, 0.0, 0.0     # this step is a try; tries' loss; the run's seconds
         self.beyond, self.extra = {True: deque(maxlen=RECENT), False: deque(maxlen=RECENT)}, 0.0  # drafted? -> s beyond
 
     def plan(self, guess=(), match=0):
@@ -226,9 +230,11 @@ class Auto:
         _, alone = AutoPlan(self, runs, False).best_run(tree.Tree(), tree.ROOT, len(guess))
         drafted = sum(n for n, _ in self.recent) / sum(self.price(t) for _, t in self.recent) if self.recent else math.inf
         wins = drafted > alone                               # alone: at least a plain step's 1 / seconds(1)
-        drafts = wins or self.idle >= self.patience          # a draft that lost is tried again, ever less often:
+        tries = self.idle >= self.patience and self.lost <= EXPLORE * self.elapsed
+        drafts = wins or tries                               # a draft that lost is tried again, ever less often:
         self.patience = RECENT if wins else min(2 * self.patience, 8 * RECENT) if drafts else self.patience
-        self.idle = 0 if drafts else self.idle + 1           # each try costs a catch-up pass over the steps missed
+        self.idle = 0 if drafts else self.idle + 1           # each try costs a catch-up pass over the steps missed,
+        self.trying = drafts and not (wins and self.recent)  # and the first (the prompt's) too: counted in `lost`
         return AutoPlan(self, runs, drafts)
 
     def draft_seconds(self, t, extra=True):
@@ -243,7 +249,10 @@ class Auto:
         return self.draft_seconds(t, extra) + self.target.seconds(len(t.tokens) + 1)
 
     def observe(self, step):
-        if not math.isnan(step.seconds):             # what its passes do not explain; medians of the last RECENT
+        if not math.isnan(step.seconds):             # a try loses what it took beyond plain steps for its tokens
+            self.elapsed += step.seconds
+            self.lost += max(0.0, step.seconds - len(step.tokens) * self.target.seconds(1)) if self.trying else 0.0
+                                                     # what its passes do not explain; medians of the last RECENT
             self.beyond[step.tree.levels > 0].append(step.seconds - self.price(step.tree, extra=False))
             self.extra = max(0.0, statistics.median(self.beyond[True] or [0]) - statistics.median(self.beyond[False] or [0]))
         if step.tree.levels:

@@ -479,6 +479,22 @@ def test_a_draft_that_does_not_pay_gives_plain_steps_and_is_tried_again():
         assert kinds == ([True] * len(kinds) if pays else lost)
 
 
+def test_tries_of_a_losing_draft_lose_at_most_a_tenth_of_the_run():
+    """Each try of a draft that lost pays a draft pass over the tokens it missed; a try is made
+    only while the tries (the prompt's first one too) have lost at most EXPLORE of the run's
+    seconds: a first try that took 5 s for a plain step's 1 token waits for 40 s of run, not
+    for RECENT steps."""
+    p = policy.Auto(policy.Costs((1, 32), (1.0, 1.0)), policy.Costs((1, 32), (0.2, 0.2)))
+    tries = []
+    for i in range(40):
+        plan = p.plan()
+        step = step_of(1) if plan.drafts else step_of(1, levels=0, nodes=0)
+        step.seconds = 5.0 if plan.drafts else 1.0
+        p.observe(step)
+        tries += [i] if plan.drafts else []
+    assert policy.EXPLORE == 0.1 and tries == [0, 36] and p.lost == 8.0
+
+
 def test_what_a_drafted_step_costs_beyond_its_passes_is_priced():
     """Drafted steps that pay on their priced passes (2 tokens in 1.2 s against a plain step's
     1 in 1 s) but take 1.3 s more than those passes on the clock (growing, verifying, catching
