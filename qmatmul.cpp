@@ -389,17 +389,44 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales, to
 // max, then sum_s e^(score_s - max) v_s and the sum of those exponentials, one key after another.
 // So a query's bits do not depend on the queries beside it (batch invariance), and a pass makes
 // one call a layer where torch made ~20 (model.py's `attention` is the same math, in blocks).
+// A work item is one kv head at one query position: key by key, its G query heads use the key
+// (and then the value) while it is in cache, so a pass reads the cache once, not G times.
 // q (B, H, T, d), k and v (B, nkv, S, d) with any strides but the last, mask (T, S) bool.
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t d) {    // 8 running sums, added in one order
-    float lane[8] = {};
+using f8 = float __attribute__((vector_size(32)));     // 8 floats: an AVX register (two SSE ones, or scalars, elsewhere)
+using i8 = int32_t __attribute__((vector_size(32)));
+
+inline f8 load8(const float* p) { f8 v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof v); }
+
+// dot(q_g, k) for N queries q_g = q + g * stride: each in 8 running sums (lanes) added in one
+// order, the same for any N; N chains at once keep the adder busy where one waits on itself.
+template <int N>
+inline void dots(const float* q, int64_t stride, const float* k, int64_t d, float* out) {
+    f8 lane[N] = {};
     int64_t i = 0;
-    for (; i + 8 <= d; i += 8)
-        for (int j = 0; j < 8; j++) lane[j] += a[i + j] * b[i + j];
-    float s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-    for (; i < d; i++) s += a[i] * b[i];
-    return s;
+    for (; i + 8 <= d; i += 8) {
+        const f8 ki = load8(k + i);
+        for (int g = 0; g < N; g++) lane[g] += load8(q + g * stride + i) * ki;
+    }
+    for (int g = 0; g < N; g++) {
+        const f8 l = lane[g];
+        out[g] = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+        for (int64_t r = i; r < d; r++) out[g] += q[g * stride + r] * k[r];
+    }
+}
+
+inline float dot(const float* a, const float* b, int64_t d) { float s; dots<1>(a, 0, b, d, &s); return s; }
+
+// e^x for 8 x <= 0: x = n ln2 + r with n = round(x / ln2) (adding 1.5 * 2^23 rounds), e^r by
+// its Taylor series to r^7 (relative error < 2e-7 for |r| <= ln2 / 2), 2^n in a float's exponent.
+inline f8 exp_negative(f8 x) {
+    x = x < -87.f ? -87.f : x;
+    const f8 n = (x * 1.44269504f + 12582912.f) - 12582912.f;
+    const f8 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;       // ln2 in two parts: n * the first is exact
+    const f8 p = 1 + r * (1 + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720 + r / 5040))))));
+    return p * (f8)((__builtin_convertvector(n, i8) + 127) << 23);
 }
 
 }  // namespace
@@ -409,33 +436,49 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
                 k.stride(3) == 1 && v.stride(3) == 1 && mask.scalar_type() == torch::kBool, "attend: q (B,H,T,d), float32 k, v");
     const auto qf = q.to(torch::kFloat32).contiguous();
     const auto seen = mask.contiguous();
-    const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3), S = k.size(2), G = H / k.size(1);
-    TORCH_CHECK(seen.size(0) == T && seen.size(1) == S && H % k.size(1) == 0, "attend: mask (T, S), heads by kv heads");
-    auto y = torch::empty({B, H, T, d}, qf.options());
+    const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3), S = k.size(2), KV = k.size(1), G = H / KV;
+    TORCH_CHECK(seen.size(0) == T && seen.size(1) == S && H % KV == 0, "attend: mask (T, S), heads by kv heads");
+    auto y = torch::zeros({B, H, T, d}, qf.options());
     const float *qp = qf.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
     const bool* mp = seen.data_ptr<bool>();
     float* yp = y.data_ptr<float>();
     const float scale = 1.f / std::sqrt(float(d));
-    at::parallel_for(0, B * H * T, 1, [&](int64_t i0, int64_t i1) {
-        std::vector<float> score(S);
-        for (int64_t i = i0; i < i1; i++) {                       // one query: (b, h, t)
-            const int64_t b = i / (H * T), h = i / T % H, t = i % T;
-            const float* kb = kp + b * k.stride(0) + (h / G) * k.stride(1);
-            const float* vb = vp + b * v.stride(0) + (h / G) * v.stride(1);
-            const float* qi = qp + i * d;
-            float top = -INFINITY;
-            for (int64_t s = 0; s < S; s++)
-                if (mp[t * S + s]) top = std::max(top, score[s] = dot(qi, kb + s * k.stride(2), d) * scale);
-            float* out = yp + i * d;
-            std::fill(out, out + d, 0.f);
-            float sum = 0.f;
-            for (int64_t s = 0; s < S; s++)
-                if (mp[t * S + s]) {
-                    const float e = std::exp(score[s] - top), *vs = vb + s * v.stride(2);
-                    sum += e;
-                    for (int64_t j = 0; j < d; j++) out[j] += e * vs[j];
+    const int64_t Sp = (S + 8) / 8 * 8;                           // a head's exponentials, padded to whole vectors
+    at::parallel_for(0, B * KV * T, 1, [&](int64_t i0, int64_t i1) {
+        std::vector<int64_t> keys(S);
+        std::vector<float> score(G), sum(G), e(G * Sp);
+        for (int64_t i = i0; i < i1; i++) {                       // kv head kv of batch b, at query position t
+            const int64_t b = i / (KV * T), kv = i / T % KV, t = i % T, at = (b * H + kv * G) * T + t;
+            const float *kb = kp + b * k.stride(0) + kv * k.stride(1), *vb = vp + b * v.stride(0) + kv * v.stride(1);
+            const float* q0 = qp + at * d;                        // query head kv G + g: q0 + g T d
+            float* y0 = yp + at * d;
+            int64_t n = 0;
+            for (int64_t s = 0; s < S; s++)                       // the keys row t sees, in slot order
+                if (mp[t * S + s]) keys[n++] = s;
+            for (int64_t j = 0; j < n; j++) {                     // scores, G heads a key
+                const float* kj = kb + keys[j] * k.stride(2);
+                int64_t g = 0;
+                for (; g + 4 <= G; g += 4) dots<4>(q0 + g * T * d, T * d, kj, d, &score[g]);
+                for (; g < G; g++) dots<1>(q0 + g * T * d, 0, kj, d, &score[g]);
+                for (g = 0; g < G; g++) e[g * Sp + j] = score[g] * scale;
+            }
+            for (int64_t g = 0; g < G; g++) {                     // e^(score - max), and their sum
+                float* eg = e.data() + g * Sp;
+                const float top = *std::max_element(eg, eg + n);
+                for (int64_t j = 0; j < n; j += 8) store8(eg + j, exp_negative(load8(eg + j) - top));
+                sum[g] = 0.f;
+                for (int64_t j = 0; j < n; j++) sum[g] += eg[j];
+            }
+            for (int64_t j = 0; j < n; j++) {                     // sum_j e_j v_j, key after key
+                const float* vj = vb + keys[j] * v.stride(2);
+                for (int64_t g = 0; g < G; g++) {
+                    float* out = y0 + g * T * d;
+                    const float ej = e[g * Sp + j];
+                    for (int64_t c = 0; c < d; c++) out[c] += ej * vj[c];
                 }
-            for (int64_t j = 0; j < d; j++) out[j] /= sum;
+            }
+            for (int64_t g = 0; g < G; g++)
+                for (int64_t c = 0; c < d; c++) y0[g * T * d + c] /= sum[g];
         }
     });
     return y.to(q.scalar_type());

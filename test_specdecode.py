@@ -232,18 +232,18 @@ def test_qmatmul_is_the_exact_weights_matmul_and_a_row_alone(kind, qmatmul_kerne
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_attend_is_the_masked_softmax_and_a_query_alone(dtype):
     """qmatmul.cpp's few-query attention against float64 softmax(q k^T / sqrt(d)) v under a
-    tree's mask after 150 cached slots (strided cache views, 4 query heads a kv head), within
-    float32 sums; and each query's bits are those of a call with it alone."""
+    tree's mask after 150 cached slots (strided cache views, 6 query heads a kv head: scored four
+    at once and two alone), within float32 sums; and each query's bits are those of a call with it alone."""
     ext = linears.qmatmul()
     g = torch.Generator().manual_seed(0)
     t, P = random_tree(9, 3), 150
-    q = torch.randn(1, 8, 9, 32, generator=g).to(dtype)
+    q = torch.randn(1, 12, 9, 32, generator=g).to(dtype)
     cache_k, cache_v = torch.randn(2, 1, 2, 200, 32, generator=g)
     k, v = cache_k[:, :, :P + 9], cache_v[:, :, :P + 9]              # views of a longer cache, as model.py passes
     mask = torch.cat((torch.ones(9, P, dtype=torch.bool), t.ancestors()), 1)
     y = ext.attend(q, k, v, mask)
-    s = (q.double() @ k.double().repeat_interleave(4, 1).transpose(-1, -2) / 32 ** 0.5).masked_fill(~mask, float("-inf"))
-    ref = s.softmax(-1) @ v.double().repeat_interleave(4, 1)
+    s = (q.double() @ k.double().repeat_interleave(6, 1).transpose(-1, -2) / 32 ** 0.5).masked_fill(~mask, float("-inf"))
+    ref = s.softmax(-1) @ v.double().repeat_interleave(6, 1)
     assert y.dtype == dtype and (y.double() - ref).abs().max() <= (2 ** -8 if dtype == torch.bfloat16 else 1e-5)
     for i in range(9):
         assert torch.equal(ext.attend(q[:, :, i:i + 1], k, v, mask[i:i + 1]), y[:, :, i:i + 1])
