@@ -78,7 +78,7 @@ def qmatmul():
 
 def row_ops(x):
     """qmatmul.cpp where its row-wise ops serve x (bf16 on the CPU, the file built), else None."""
-    return qmatmul() if x.device.type == "cpu" and x.dtype == torch.bfloat16 else None
+    return qmatmul() if x.is_cpu and x.dtype == torch.bfloat16 else None
 
 
 MIN_ROWS = 4   # measured (Zen 4, Zen 5, Intel family 6 model 207): oneDNN's packed kernels give a row the same
@@ -206,9 +206,8 @@ class QLinear(nn.Module):
         return out
 
     def forward(self, x):
-        shape, x = x.shape[:-1], x.reshape(-1, x.shape[-1]).contiguous()
         y = [qmatmul().qmatmul(x, *p, b) for p, b in zip(self.parts, self.biases)]   # a row alone, any rows
-        return (y[0] if len(y) == 1 else torch.cat(y, -1)).view(*shape, -1)
+        return y[0] if len(y) == 1 else torch.cat(y, -1)
 
 
 # ---------------------------------------------------------------------------- loading

@@ -340,9 +340,10 @@ void prepare_rows(const uint16_t* x, int64_t rows, int64_t K, int64_t Gs, bool f
 }  // namespace
 
 // x (rows, K) bf16 -> (rows, N) bf16. mins and dmin are empty for 8-bit blocks.
-torch::Tensor qmatmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor mins,
+torch::Tensor qmatmul(torch::Tensor input, torch::Tensor q, torch::Tensor scales, torch::Tensor mins,
                       torch::Tensor d, torch::Tensor dmin, bool narrow, c10::optional<torch::Tensor> bias) {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(), "x: (rows, K) contiguous bf16");
+    TORCH_CHECK(input.dim() >= 1 && input.scalar_type() == torch::kBFloat16, "x: (..., K) bf16");
+    const auto x = input.reshape({-1, input.size(-1)}).contiguous();     // rows
     const bool four = mins.numel() > 0;
     const int64_t rows = x.size(0), K = x.size(1), tiles = q.size(0), N = tiles * TILE;
     TORCH_CHECK(K % 2 == 0 && q.size(1) == K / 2, "blocks of ", 2 * q.size(1), " inputs do not fit x's ", K);
@@ -359,7 +360,9 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales, to
              K, Gs, Gd, narrow};
     torch::Tensor bias32 = bias ? bias->to(torch::kFloat32).contiguous() : torch::Tensor();
     const float* bp = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
-    auto y = torch::empty({rows, N}, x.options());
+    auto shape = input.sizes().vec();
+    shape.back() = N;
+    auto y = torch::empty(shape, x.options());
     uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
     using Many = std::make_integer_sequence<int, MAX_ROWS>;
     static const auto many4 = table<true, false>(Many{}), one4 = table<true, true>(Many{});
