@@ -306,8 +306,11 @@ def fuse(state, blocks, dtype):
 
 
 
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
 def read_config(path):
-    """The JSON object in a model folder's config.json, or ModelError."""
+    """model.Config's fields from a model folder's config.json (HuggingFace's names), or ModelError."""
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"no such folder: {path}")
@@ -319,7 +322,33 @@ def read_config(path):
         raise ModelError(f"{path / 'config.json'} is not valid JSON: {e}") from None
     if not isinstance(c, dict):
         raise ModelError(f"{path / 'config.json'} is not a JSON object")
-    return c
+    try:
+        return config_fields(c, path)
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        raise ModelError(f"{path / 'config.json'} lacks or mis-states a field: {type(e).__name__} {e}") from None
+
+
+def config_fields(c, path):
+    arch = (c.get("architectures") or ["(none)"])[0]
+    if arch not in ARCHITECTURES:
+        raise ModelError(f"unsupported architecture {arch} in {path} (supported: {', '.join(ARCHITECTURES)})")
+    scaling = c.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
+        raise ModelError(f"unsupported rope_scaling {scaling} (supported: llama3)")
+    n_heads = c["num_attention_heads"]
+    fields = dict(
+        arch=arch, vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
+        n_heads=n_heads, n_kv_heads=c.get("num_key_value_heads", n_heads),
+        head_dim=c.get("head_dim") or c["hidden_size"] // n_heads, hidden_dim=c["intermediate_size"],
+        norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", 10000.0),
+        rope_scaling=scaling if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3" else None,
+        max_seq_len=c.get("max_position_embeddings", 4096), tie_embeddings=c.get("tie_word_embeddings", False),
+        qkv_bias=arch == "Qwen2ForCausalLM", qk_norm=arch == "Qwen3ForCausalLM")
+    sizes = tuple(fields[k] for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                                      "hidden_dim", "max_seq_len"))
+    if not all(isinstance(v, int) and v > 0 for v in sizes) or fields["n_heads"] % fields["n_kv_heads"]:
+        raise ModelError(f"{path / 'config.json'}: its sizes do not make a model ({sizes})")
+    return fields
 
 
 def load(model, path, device, dtype, quant):

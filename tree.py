@@ -306,10 +306,8 @@ def score(target, tokens, t: Tree):
     the root and of each node, [1, 1 + N, V]."""
     new, n = tokens[target.length:], len(t.tokens)
     P = len(new)
-    mask = torch.zeros(P + n, P + n, dtype=torch.bool)
-    mask[:, :P] = True
-    mask[:P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
-    mask[P:, P:] = t.ancestors()
+    mask = torch.ones(P + n, P + n, dtype=torch.bool).tril()         # the new prefix tokens: causal
+    mask[P:, P:] = t.ancestors()                                       # the nodes: the prefix, their ancestors
     pos = list(range(target.length, len(tokens))) + [len(tokens) - 1 + d for d in t.depths]
     return target(torch.tensor([new + t.tokens], device=target.device), torch.tensor([pos], device=target.device),
                   mask.to(target.device), last=n + 1)
