@@ -23,8 +23,9 @@ lookup tokens hangs as many as pay. Whether to draft at all is the same rule at 
 zero: the draft's recent steps (their tokens over their priced time) against a plain
 step (one token, one one-token pass) and a lookup run from the root. A drafted step also
 costs what its passes do not explain (growing and verifying a tree: measured, `Auto.extra`).
-A draft that loses is tried again ever less often, and only while its tries have lost at
-most EXPLORE of the run's time: each pays a draft pass over every token it missed.
+The first try, and each later one of a draft that lost (ever less often), is made only while
+the tries would lose at most EXPLORE of the run's time, this one's catch-up included: its
+first draft pass is over every token the draft has not seen (the whole prompt, at first).
 """
 import bisect
 import math
@@ -155,12 +156,13 @@ class Acceptance:
 
 class LookupRates:
     """Per match length (2, 3, or 4 and more): lookup tokens accepted and judged, each step
-    weighing the past by DECAY, from a prior Beta(1/4, 3/4): worth one token, 1 in 4 accepted,
-    and weighted near 0 and 1, for a lookup mostly either copies a file or guesses. A long
+    weighing the past by DECAY, from a prior worth one token and weighted near 0 and 1 (a
+    lookup mostly either copies a file or guesses), its mean growing with the match: a guess,
+    Beta(1/4, 3/4) for 2 tokens, Beta(1/2, 1/2) for 3, Beta(3/4, 1/4) for 4 and more. A long
     match in an edited file is nearly always right, a short one in fresh text mostly chance."""
 
     def __init__(self):
-        self.counts = {n: [0.25, 1.0] for n in (2, 3, 4)}
+        self.counts = {2: [0.25, 1.0], 3: [0.5, 1.0], 4: [0.75, 1.0]}
 
     def runs(self, match, most):
         """P(the next j lookup tokens are all accepted | the first one's parent was), j = 1..most:
@@ -191,7 +193,7 @@ class Fixed:
     def __init__(self, k=None):
         self.k = k
 
-    def plan(self, guess=(), match=0):
+    def plan(self, guess=(), match=0, lag=1):
         return self
 
     def observe(self, step):
@@ -223,18 +225,20 @@ class Auto:
         self.trying, self.lost, self.elapsed = False, 0.0, 0.0     # this step is a try; tries' loss; the run's seconds
         self.beyond, self.extra = {True: deque(maxlen=RECENT), False: deque(maxlen=RECENT)}, 0.0  # drafted? -> s beyond
 
-    def plan(self, guess=(), match=0):
-        """This step's plan: draft, or not (a plain step, or the lookup run alone)."""
+    def plan(self, guess=(), match=0, lag=1):
+        """This step's plan: draft, or not (a plain step, or the lookup run alone). lag: the
+        tokens the draft's first pass would take (1 when it has seen all but the root)."""
         self.match = match
         runs = self.lookups.runs(match, len(guess)) if guess else []
         _, alone = AutoPlan(self, runs, False).best_run(tree.Tree(), tree.ROOT, len(guess))
-        drafted = sum(n for n, _ in self.recent) / sum(self.price(t) for _, t in self.recent) if self.recent else math.inf
+        drafted = sum(n for n, _ in self.recent) / sum(self.price(t) for _, t in self.recent) if self.recent else 0.0
         wins = drafted > alone                               # alone: at least a plain step's 1 / seconds(1)
-        tries = self.idle >= self.patience and self.lost <= EXPLORE * self.elapsed
-        drafts = wins or tries                               # a draft that lost is tried again, ever less often:
-        self.patience = RECENT if wins else min(2 * self.patience, 8 * RECENT) if drafts else self.patience
-        self.idle = 0 if drafts else self.idle + 1           # each try costs a catch-up pass over the steps missed,
-        self.trying = drafts and not (wins and self.recent)  # and the first (the prompt's) too: counted in `lost`
+        catch_up = self.draft.seconds(lag) - self.draft.seconds(1)
+        tries = (not self.recent or self.idle >= self.patience) and self.lost + catch_up <= EXPLORE * self.elapsed
+        drafts = wins or tries                               # a draft that lost is tried again, ever less often
+        self.patience = RECENT if wins else min(2 * self.patience, 8 * RECENT) if tries and self.recent else self.patience
+        self.idle = 0 if drafts else self.idle + 1
+        self.trying = tries and not wins                     # what it loses is counted in `lost`
         return AutoPlan(self, runs, drafts)
 
     def draft_seconds(self, t, extra=True):

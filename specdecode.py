@@ -98,7 +98,7 @@ def prefill(target, run, opts):
 def chain_step(target, draft, run, opts):
     """Draft K tokens, verify K+1 positions in one target pass, accept what rejection sampling
     (or coupled verification) keeps; a plain step where the plan does not draft."""
-    plan, prefix = run.policy.plan(), len(run.tokens)
+    plan, prefix = run.policy.plan(lag=len(run.tokens) - draft.length), len(run.tokens)
     if not plan.drafts:
         return ar_step(target, draft, run, opts)
     # draft: one token at a time, each drawn by its position's race, no more than are still to come
@@ -133,7 +133,7 @@ def tree_step(target, draft, run, opts):
     guess, match = tree.continuation(tokens) if opts.lookup == "auto" else ([], 0)
     g = tree.Growth(opts.settings, opts.budget, run.vocab, run.generator,
                     run.races if opts.verify == "coupled" else None, prefix, guess)
-    t = tree.grow(draft, tokens, run.policy.plan(guess, match), g)
+    t = tree.grow(draft, tokens, run.policy.plan(guess, match, len(tokens) - draft.length), g)
     p = opts.settings.probs(tree.score(target, tokens, t)[0, :, :run.vocab])
     if opts.verify == "coupled":
         path, new = tree.verify_coupled(t, p, run.races.at(prefix, max(t.depths, default=0) + 1))

@@ -495,6 +495,25 @@ def test_tries_of_a_losing_draft_lose_at_most_a_tenth_of_the_run():
     assert policy.EXPLORE == 0.1 and tries == [0, 36] and p.lost == 8.0
 
 
+def test_a_try_waits_until_its_catch_up_fits_the_budget():
+    """A try's first draft pass takes every token the draft has not seen: on a draft whose pass
+    costs 0.01 s a token more, a prompt of 40 tokens and plain steps of 1 s, the first try waits
+    until EXPLORE of the run's seconds covers the catch-up (0.1 i >= 0.01 (40 + i): step 5);
+    where the draft has seen all but the root, it is tried at once."""
+    first = []
+    for prompt in (40, 0):
+        p = policy.Auto(policy.Costs((1, 32), (1.0, 1.0)), policy.Costs((1, 32), (0.2, 0.51)))
+        for i in range(10):
+            plan = p.plan(lag=prompt + i + 1 if prompt else 1)
+            if plan.drafts:
+                break
+            step = step_of(1, levels=0, nodes=0)
+            step.seconds = 1.0
+            p.observe(step)
+        first.append(i)
+    assert first == [5, 0]
+
+
 def test_what_a_drafted_step_costs_beyond_its_passes_is_priced():
     """Drafted steps that pay on their priced passes (2 tokens in 1.2 s against a plain step's
     1 in 1 s) but take 1.3 s more than those passes on the clock (growing, verifying, catching
@@ -512,9 +531,11 @@ def test_what_a_drafted_step_costs_beyond_its_passes_is_priced():
 
 def given_costs(monkeypatch):
     """Plans on a fixed cost table (a verify pass nearly flat, a draft pass 0.2 of a target's),
-    not on this machine's clock: a test about plans must not depend on the machine's load."""
+    not on this machine's clock: a test about plans must not depend on the machine's load. So
+    tries are not held back by the run's clock seconds either (EXPLORE: no bound)."""
     tables = {"target": (1.0, 1.02, 1.05, 1.1, 1.2, 1.4), "draft": (0.2, 0.21, 0.22, 0.24, 0.28, 0.36)}
     monkeypatch.setattr(policy, "costs", lambda model, name: policy.Costs(policy.WIDTHS, tables[name]))
+    monkeypatch.setattr(policy, "EXPLORE", math.inf)
 
 
 def test_plain_steps_between_speculative_ones_keep_the_output(pair, monkeypatch):
@@ -524,8 +545,8 @@ def test_plain_steps_between_speculative_ones_keep_the_output(pair, monkeypatch)
     given_costs(monkeypatch)
     flips, plan = itertools.cycle([True, False, False]), policy.Auto.plan
 
-    def forced(self, *a):
-        p = plan(self, *a)
+    def forced(self, *a, **kw):
+        p = plan(self, *a, **kw)
         p.drafts = next(flips)
         return p
     monkeypatch.setattr(policy.Auto, "plan", forced)
@@ -553,11 +574,11 @@ def test_lookup_counts_per_match_length_give_the_chance_of_each_run():
     accepted / judged (the parent was accepted), after a 0.9 decay. runs(j) is E[r^j] under
     Beta(accepted, judged - accepted), as sampling r says."""
     rates = policy.LookupRates()
-    assert rates.runs(3, 2) == pytest.approx([0.25, 0.25 * 1.25 / 2])
+    assert rates.runs(3, 2) == pytest.approx([0.5, 0.5 * 1.5 / 2]) and rates.runs(2, 1) == [0.25]
     t = tree.Tree(tokens=[9, 1, 7], parents=[tree.ROOT, 0, tree.ROOT], depths=[1, 2, 1], q=[0.5, float("nan"), 0.3],
                   sources=["both", "lookup", "draft"])
     rates.observe(t, [0], 3)                                   # 9 accepted, then 1 rejected
-    assert rates.counts[3] == pytest.approx([0.225 + 1, 0.9 + 2]) and rates.counts[2] == [0.25, 1.0]
+    assert rates.counts[3] == pytest.approx([0.45 + 1, 0.9 + 2]) and rates.counts[2] == [0.25, 1.0]
     a, judged = rates.counts[3]
     torch.manual_seed(0)
     r = torch.distributions.Beta(torch.tensor(a, dtype=torch.float64), torch.tensor(judged - a, dtype=torch.float64))
@@ -621,8 +642,8 @@ def test_lookup_only_steps_keep_the_output_and_the_caches(pair, monkeypatch):
     for temperature in (0.0, 0.9):
         flips = itertools.cycle([False, False, True])
 
-        def forced(self, *a):
-            p = plan(self, *a)
+        def forced(self, *a, **kw):
+            p = plan(self, *a, **kw)
             p.drafts = next(flips)
             return p
         monkeypatch.setattr(policy.Auto, "plan", forced)
@@ -1493,8 +1514,8 @@ def test_demo_pair_edits_with_lookup_as_ar_does(demo_pair, monkeypatch):
     want, _ = sd.generate(ids, target, None, sd.Options(mode="ar", max_new_tokens=40))
     plan = policy.Auto.plan
 
-    def lookup_alone(self, guess=(), match=0):
-        p = plan(self, guess, match)
+    def lookup_alone(self, guess=(), match=0, lag=1):
+        p = plan(self, guess, match, lag)
         p.drafts = p.drafts and not guess
         return p
     for forced in (False, True):
