@@ -282,8 +282,9 @@ class Transformer(nn.Module):
 
     def compact(self, n, keep):
         """Keep slots n + keep[i] (a LongTensor of offsets) as slots n + i: a tree's accepted path."""
-        for cache in self.caches:
-            cache.keep(n, n + keep)
+        if not torch.equal(keep, torch.arange(len(keep), device=keep.device)):   # (a path in place moves nothing)
+            for cache in self.caches:
+                cache.keep(n, n + keep)
         self.length = n + len(keep)
 
 
