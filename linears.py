@@ -305,7 +305,6 @@ def fuse(state, blocks, dtype):
                     state[key.replace(parts[0], fused)] = torch.cat(pieces)
 
 
-
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
@@ -329,6 +328,7 @@ def read_config(path):
 
 
 def config_fields(c, path):
+    """model.Config's fields from config.json's object c; ModelError for a model it cannot run."""
     arch = (c.get("architectures") or ["(none)"])[0]
     if arch not in ARCHITECTURES:
         raise ModelError(f"unsupported architecture {arch} in {path} (supported: {', '.join(ARCHITECTURES)})")
