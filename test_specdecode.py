@@ -532,7 +532,7 @@ def test_what_a_drafted_step_costs_beyond_its_passes_is_priced():
 def given_costs(monkeypatch):
     """Plans on a fixed cost table (a verify pass nearly flat, a draft pass 0.2 of a target's),
     not on this machine's clock: a test about plans must not depend on the machine's load. So
-    tries are not held back by the run's clock seconds either (EXPLORE: no bound)."""
+    tries are not held back by the run's clock seconds either, once it has any (EXPLORE: no bound)."""
     tables = {"target": (1.0, 1.02, 1.05, 1.1, 1.2, 1.4), "draft": (0.2, 0.21, 0.22, 0.24, 0.28, 0.36)}
     monkeypatch.setattr(policy, "costs", lambda model, name: policy.Costs(policy.WIDTHS, tables[name]))
     monkeypatch.setattr(policy, "EXPLORE", math.inf)
