@@ -24,8 +24,9 @@ zero: the draft's recent steps (their tokens over their priced time) against a p
 step (one token, one one-token pass) and a lookup run from the root. A drafted step also
 costs what its passes do not explain (growing and verifying a tree: measured, `Auto.extra`).
 The first try, and each later one of a draft that lost (ever less often), is made only while
-the tries would lose at most EXPLORE of the run's time, this one's catch-up included: its
-first draft pass is over every token the draft has not seen (the whole prompt, at first).
+the tries would lose at most EXPLORE of the run's time (the prompt's pass included), this
+one's catch-up included: its first draft pass is over every token the draft has not seen
+(the whole prompt, at first).
 """
 import bisect
 import math
@@ -253,6 +254,9 @@ class Auto:
         return self.draft_seconds(t, extra) + self.target.seconds(len(t.tokens) + 1)
 
     def observe(self, step):
+        if step.prompt:                              # the prompt's pass: the run's first seconds
+            self.elapsed += step.seconds
+            return
         if not math.isnan(step.seconds):             # a try loses what it took beyond plain steps for its tokens
             self.elapsed += step.seconds
             self.lost += max(0.0, step.seconds - len(step.tokens) * self.target.seconds(1)) if self.trying else 0.0

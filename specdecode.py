@@ -64,6 +64,7 @@ class Step:
     tree: "tree.Tree" = field(default_factory=tree.Tree)
     path: list = field(default_factory=list)
     seconds: float = math.nan       # its wall time, measured by generate (the policy prices what passes do not explain)
+    prompt: bool = False            # the prompt's pass: timed for the policy (its share of the run), not a step
 
 
 @dataclass
@@ -92,7 +93,9 @@ def ar_step(target, draft, run, opts):
 
 def prefill(target, run, opts):
     """The target's pass over the prompt, the same in every mode: the first new token."""
-    return ar_step(target, None, run, opts)
+    step = ar_step(target, None, run, opts)
+    step.prompt = True
+    return step
 
 
 def chain_step(target, draft, run, opts):
@@ -155,7 +158,9 @@ def generate(prompt_ids, target, draft, opts: "Options", on_tokens=None):
     model, draft, stats, out = target[0], draft and draft[0], run.stats, []
     t0 = time.perf_counter()
     step = prefill(model, run, opts)
-    stats.ttft, stats.target_passes = time.perf_counter() - t0, 1
+    step.seconds = stats.ttft = time.perf_counter() - t0
+    stats.target_passes = 1
+    run.policy.observe(step)                         # (its time counts in the run's, for tries' budget)
     while True:
         run.tokens.extend(step.tokens)
         stop = next((i for i, x in enumerate(step.tokens) if x in target[1].stop_ids), None)

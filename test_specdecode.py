@@ -499,10 +499,12 @@ def test_a_try_waits_until_its_catch_up_fits_the_budget():
     """A try's first draft pass takes every token the draft has not seen: on a draft whose pass
     costs 0.01 s a token more, a prompt of 40 tokens and plain steps of 1 s, the first try waits
     until EXPLORE of the run's seconds covers the catch-up (0.1 i >= 0.01 (40 + i): step 5);
+    the prompt's pass counts in the run's seconds (5 s of it cover the catch-up at once); and
     where the draft has seen all but the root, it is tried at once."""
     first = []
-    for prompt in (40, 0):
+    for prompt, prompt_seconds in ((40, 0.0), (40, 5.0), (0, 0.0)):
         p = policy.Auto(policy.Costs((1, 32), (1.0, 1.0)), policy.Costs((1, 32), (0.2, 0.51)))
+        p.observe(sd.Step([0], seconds=prompt_seconds, prompt=True))
         for i in range(10):
             plan = p.plan(lag=prompt + i + 1 if prompt else 1)
             if plan.drafts:
@@ -511,7 +513,7 @@ def test_a_try_waits_until_its_catch_up_fits_the_budget():
             step.seconds = 1.0
             p.observe(step)
         first.append(i)
-    assert first == [5, 0]
+    assert first == [5, 0, 0] and not p.beyond[False]
 
 
 def test_what_a_drafted_step_costs_beyond_its_passes_is_priced():
