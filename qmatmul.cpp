@@ -467,7 +467,7 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
             }
             for (int64_t g = 0; g < G; g++) {                     // e^(score - max), and their sum
                 float* eg = e.data() + g * Sp;
-                const float top = *std::max_element(eg, eg + n);
+                const float top = n ? *std::max_element(eg, eg + n) : 0.f;     // (no key seen: 0 / 0, as before)
                 for (int64_t j = 0; j < n; j += 8) store8(eg + j, exp_negative(load8(eg + j) - top));
                 sum[g] = 0.f;
                 for (int64_t j = 0; j < n; j++) sum[g] += eg[j];
