@@ -254,11 +254,10 @@ class Auto:
         return self.draft_seconds(t, extra) + self.target.seconds(len(t.tokens) + 1)
 
     def observe(self, step):
-        if step.prompt:                              # the prompt's pass: the run's first seconds
-            self.elapsed += step.seconds
+        self.elapsed += 0.0 if math.isnan(step.seconds) else step.seconds
+        if step.prompt:                              # the prompt's pass: the run's first seconds, not a step
             return
         if not math.isnan(step.seconds):             # a try loses what it took beyond plain steps for its tokens
-            self.elapsed += step.seconds
             self.lost += max(0.0, step.seconds - len(step.tokens) * self.target.seconds(1)) if self.trying else 0.0
                                                      # what its passes do not explain; medians of the last RECENT
             self.beyond[step.tree.levels > 0].append(step.seconds - self.price(step.tree, extra=False))

@@ -339,7 +339,7 @@ void prepare_rows(const uint16_t* x, int64_t rows, int64_t K, int64_t Gs, bool f
 
 }  // namespace
 
-// x (rows, K) bf16 -> (rows, N) bf16. mins and dmin are empty for 8-bit blocks.
+// x (..., K) bf16 -> (..., N) bf16, its rows taken alone. mins and dmin are empty for 8-bit blocks.
 torch::Tensor qmatmul(torch::Tensor input, torch::Tensor q, torch::Tensor scales, torch::Tensor mins,
                       torch::Tensor d, torch::Tensor dmin, bool narrow, c10::optional<torch::Tensor> bias) {
     TORCH_CHECK(input.dim() >= 1 && input.scalar_type() == torch::kBFloat16, "x: (..., K) bf16");
