@@ -154,16 +154,18 @@ def quantize_4bit(W, group=32):
     return dict(qweight=q[:, 0::2] | q[:, 1::2] << 4, scales=ones, mins=ones, d=d, dmin=dmin)
 
 
-def tile(b):
-    """Blocks -> qmatmul.cpp's layout: records of 16 outputs x 2 inputs, scales (tiles, groups, 16)."""
+def tile(b, together):
+    """Blocks -> qmatmul.cpp's layout: records of 16 outputs x `together` inputs side by side
+    (its record_inputs: pairs for bf16, quads for int8), scales (tiles, groups, 16)."""
     q = unpack(b["qweight"])
     N, K = q.shape
-    r = q.view(N // TILE, 2, TILE // 2, K // 2, 2).permute(0, 3, 1, 2, 4).reshape(N // TILE, K // 2, 2, TILE)
-    records = r[:, :, 0] | r[:, :, 1] << 4 if "mins" in b else r.reshape(N // TILE, K // 2, 2 * TILE)
+    r = q.view(N // TILE, 2, TILE // 2, K // together, together).permute(0, 3, 1, 2, 4)
+    r = r.reshape(N // TILE, K // together, 2, TILE // 2 * together)
+    records = r[:, :, 0] | r[:, :, 1] << 4 if "mins" in b else r
     by_tile = lambda a: a.view(N // TILE, TILE, -1).transpose(1, 2).contiguous()
     none = lambda dtype: torch.empty(0, dtype=dtype)
     narrow = "mins" in b or bool(q.min() >= -32 and q.max() <= 31)
-    return (records.contiguous().view(torch.uint8), by_tile(b["scales"]),
+    return (records.contiguous().view(torch.uint8).view(N // TILE, K // 2, -1), by_tile(b["scales"]),
             by_tile(b["mins"]) if "mins" in b else none(torch.uint8), by_tile(b["d"]),
             by_tile(b["dmin"]) if "mins" in b else none(torch.float16), narrow)
 
@@ -191,7 +193,7 @@ class QLinear(nn.Module):
         super().__init__()
         self.sizes = [len(b["qweight"]) for b in parts]
         self.in_features, self.out_features = inputs(parts[0]["qweight"]), sum(self.sizes)
-        self.parts = [tile(b) for b in parts]
+        self.parts = [tile(b, qmatmul().record_inputs) for b in parts]
         self.biases = bias.float().split(self.sizes) if bias is not None else [None] * len(parts)
 
     def tiles(self, idx):

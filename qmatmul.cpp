@@ -161,82 +161,78 @@ inline __m256 ps8(const uint8_t* p, bool sign) {              // 8 bytes -> 8 fl
 
 inline __m256 ph8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
-inline __m256i lo32(__m256i v) { return _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)); }       // 16-bit lanes 0-7
-inline __m256i hi32(__m256i v) { return _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1)); }  // lanes 8-15
+using i16 = int16_t __attribute__((vector_size(32)));       // 16 lanes of 16 bits
 
-// M rows of xq times tiles t .. t + T - 1, into y (row stride ldy). A 32-byte load holds two
-// 4-bit records (pairs p, p + 1: low nibbles outputs 0-7, high ones 8-15) or one 8-bit record
-// (pair p: outputs 0-7, then 8-15); x's pair(s) are spread to match, and VPMADDUBSW gives 16-bit
-// lanes of q0 x0 + q1 x1. Those are added in 16 bits while they cannot overflow (|q x| <= 15 * 127:
-// a whole group of 32; |q| <= 32: 4 pairs; else 1), then in 32 bits, then scaled once a group.
+inline __m256i by_lane(const uint8_t* p, bool sign) {      // 8 bytes -> 16-bit lanes 2i, 2i + 1 = p[i]
+    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    const __m256i w = sign ? _mm256_and_si256(_mm256_cvtepi8_epi32(v), _mm256_set1_epi32(0xffff)) : _mm256_cvtepu8_epi32(v);
+    return _mm256_or_si256(w, _mm256_slli_epi32(w, 16));
+}
+
+// M rows of xq times tiles t .. t + T - 1, into y (row stride ldy). A record is a quad of inputs
+// (4r .. 4r + 3) of the tile's 16 outputs, byte 4i + j output i's input 4r + j (4-bit: 32 bytes,
+// outputs 8-15 in the high nibbles; 8-bit: 64 bytes, outputs 0-7 then 8-15). So a row's quad,
+// broadcast to every 32-bit lane, meets an output's 4 weights in one lane: VPMADDUBSW gives
+// 16-bit lanes q0 x0 + q1 x1 and q2 x2 + q3 x3 (8-bit: |q| times x with q's sign). Those are
+// added in 16 bits while they cannot overflow (|q x| <= 15 * 127: a group of 32; |q| <= 32: 4
+// quads; else 1), then VPMADDWD times the group's scales adds a lane pair into an output's
+// 32-bit sum, sc sum q x, exact; it is scaled in float32 once a group.
 template <int M, int T, bool FOUR>
 void tile_rows(const Blocks& b, int64_t t, const Rows& in, uint16_t* y, int64_t ldy, const float* bias) {
     alignas(32) float acc[T][M][TILE] = {};    // the row's sums, touched once a group
-    const int64_t groups = b.K / b.Gs, pairs = b.Gs / 2, per_d = b.Gd / b.Gs, per_x = QGROUP / b.Gs;
-    const int64_t record = FOUR ? 16 : 32, stride = (b.K / 2) * record, step = FOUR ? 2 : 1;
-    const int64_t chunk = FOUR ? pairs / 2 : b.narrow ? 4 : 1;               // loads summed in 16 bits
+    const int64_t groups = b.K / b.Gs, quads = b.Gs / 4, d_shift = __builtin_ctzll(b.Gd / b.Gs), x_shift = __builtin_ctzll(QGROUP / b.Gs);
+    const int64_t record = FOUR ? 32 : 64, stride = (b.K / 4) * record;
+    const int64_t chunk = std::min<int64_t>(quads, FOUR ? 8 : b.narrow ? 4 : 1);   // quads summed in 16 bits
     const __m256i nibble = _mm256_set1_epi8(15);
-    const __m256i spread = FOUR ? _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
-                                                   2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3)
-                                : _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
-                                                   0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1);
     const uint8_t* q = b.q + t * stride;
     for (int64_t g = 0; g < groups; g++) {
         __m256i sum[T][M][2];                                        // 32-bit: outputs 0-7, 8-15
         #pragma GCC unroll 4
         for (int u = 0; u < T; u++)
             for (int m = 0; m < M; m++) sum[u][m][0] = sum[u][m][1] = _mm256_setzero_si256();
-        for (int64_t p = g * pairs; p < (g + 1) * pairs;) {
-            __m256i part[T][M][FOUR ? 2 : 1];                        // 16-bit
-            #pragma GCC unroll 4
-            for (int u = 0; u < T; u++)
-                for (int m = 0; m < M; m++)
-                    for (auto& v : part[u][m]) v = _mm256_setzero_si256();
-            for (int64_t c = 0; c < chunk; c++, p += step, q += step * record) {
-                __m256i xs[M];
-                #pragma GCC unroll 4
-                for (int m = 0; m < M; m++) {
-                    int32_t v = 0;                                   // x's pairs p, p + 1 (4-bit) or p
-                    std::memcpy(&v, in.xq + m * b.K + 2 * p, FOUR ? 4 : 2);
-                    xs[m] = _mm256_shuffle_epi8(_mm256_set1_epi32(v), spread);
-                }
+        for (int64_t r = g * quads; r < (g + 1) * quads;) {
+            i16 part[T][M][2] = {};                                  // (+=: GCC keeps each sum in one register)
+            for (int64_t c = 0; c < chunk; c++, r++, q += record) {
                 #pragma GCC unroll 4
                 for (int u = 0; u < T; u++) {
-                    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + u * stride));
+                    const uint8_t* w = q + u * stride;
+                    __m256i v[2];                                    // outputs 0-7, 8-15
                     if (FOUR) {
-                        const __m256i lo = _mm256_and_si256(w, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);
-                        #pragma GCC unroll 4
-                        for (int m = 0; m < M; m++) {
-                            part[u][m][0] = _mm256_add_epi16(part[u][m][0], _mm256_maddubs_epi16(lo, xs[m]));
-                            part[u][m][FOUR] = _mm256_add_epi16(part[u][m][FOUR], _mm256_maddubs_epi16(hi, xs[m]));
-                        }
+                        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+                        v[0] = _mm256_and_si256(a, nibble);
+                        v[1] = _mm256_and_si256(_mm256_srli_epi16(a, 4), nibble);
                     } else {
-                        const __m256i magnitude = _mm256_abs_epi8(w);
-                        #pragma GCC unroll 4
-                        for (int m = 0; m < M; m++)
-                            part[u][m][0] = _mm256_add_epi16(part[u][m][0], _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xs[m], w)));
+                        v[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+                        v[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
+                    }
+                    #pragma GCC unroll 4
+                    for (int m = 0; m < M; m++) {
+                        int32_t quad;
+                        std::memcpy(&quad, in.xq + m * b.K + 4 * r, 4);
+                        const __m256i xs = _mm256_set1_epi32(quad);
+                        for (int h = 0; h < 2; h++)
+                            part[u][m][h] += (i16)(FOUR ? _mm256_maddubs_epi16(v[h], xs)
+                                : _mm256_maddubs_epi16(_mm256_abs_epi8(v[h]), _mm256_sign_epi8(xs, v[h])));
                     }
                 }
             }
             #pragma GCC unroll 4
-            for (int u = 0; u < T; u++)                               // pairs p, p + 1 are one output's (4-bit)
-                for (int m = 0; m < M; m++) {
-                    const __m256i a = part[u][m][0], z = part[u][m][FOUR];
-                    sum[u][m][0] = _mm256_add_epi32(sum[u][m][0], FOUR ? _mm256_add_epi32(lo32(a), hi32(a)) : lo32(a));
-                    sum[u][m][1] = _mm256_add_epi32(sum[u][m][1], FOUR ? _mm256_add_epi32(lo32(z), hi32(z)) : hi32(a));
+            for (int u = 0; u < T; u++)
+                for (int h = 0; h < 2; h++) {
+                    const __m256i sc = by_lane(b.scales + ((t + u) * groups + g) * TILE + 8 * h, !FOUR);
+                    for (int m = 0; m < M; m++) sum[u][m][h] = _mm256_add_epi32(sum[u][m][h], _mm256_madd_epi16((__m256i)part[u][m][h], sc));
                 }
-            if (FOUR) break;                  // one chunk is the group: the 32-bit sums hold no registers meanwhile
         }
         #pragma GCC unroll 4
-        for (int u = 0; u < T; u++) {                                 // acc += s dx sum - m dx sum xq
-            const int64_t gs = ((t + u) * groups + g) * TILE, gd = ((t + u) * (b.K / b.Gd) + g / per_d) * TILE;
+        for (int u = 0; u < T; u++) {                                 // acc += d dx sum - m dx sum xq
+            const int64_t gs = ((t + u) * groups + g) * TILE, gd = ((t + u) * (b.K / b.Gd) + (g >> d_shift)) * TILE;
             for (int h = 0; h < 2; h++) {
-                const __m256 s = _mm256_mul_ps(ph8(b.d + gd + 8 * h), ps8(b.scales + gs + 8 * h, !FOUR));
-                const __m256 mn = FOUR ? _mm256_mul_ps(ph8(b.dmin + gd + 8 * h), ps8(b.mins + gs + 8 * h, false)) : s;
+                const __m256 d = ph8(b.d + gd + 8 * h);
+                const __m256 mn = FOUR ? _mm256_mul_ps(ph8(b.dmin + gd + 8 * h), ps8(b.mins + gs + 8 * h, false)) : d;
                 #pragma GCC unroll 4
                 for (int m = 0; m < M; m++) {
-                    const __m256 sx = _mm256_mul_ps(s, _mm256_set1_ps(in.dx[m * (b.K / QGROUP) + g / per_x]));
-                    __m256 a = _mm256_fmadd_ps(sx, _mm256_cvtepi32_ps(sum[u][m][h]), _mm256_load_ps(acc[u][m] + 8 * h));
+                    const __m256 dx = _mm256_mul_ps(d, _mm256_set1_ps(in.dx[m * (b.K / QGROUP) + (g >> x_shift)]));
+                    __m256 a = _mm256_fmadd_ps(dx, _mm256_cvtepi32_ps(sum[u][m][h]), _mm256_load_ps(acc[u][m] + 8 * h));
                     if (FOUR) a = _mm256_fnmadd_ps(mn, _mm256_set1_ps(in.xsum[m * groups + g]), a);
                     _mm256_store_ps(acc[u][m] + 8 * h, a);
                 }
@@ -349,8 +345,8 @@ torch::Tensor qmatmul(torch::Tensor input, torch::Tensor q, torch::Tensor scales
     TORCH_CHECK(K % 2 == 0 && q.size(1) == K / 2, "blocks of ", 2 * q.size(1), " inputs do not fit x's ", K);
     const int64_t Gs = K / scales.size(1), Gd = K / d.size(1);
     TORCH_CHECK(Gs % 8 == 0 && Gd % Gs == 0 && K % Gd == 0, "group sizes ", Gs, ", ", Gd, " do not divide ", K);
-    TORCH_CHECK(!INT8 || (QGROUP % Gs == 0 && K % QGROUP == 0),
-                "int8 activations need groups of at most ", QGROUP, " inputs, not ", Gs);
+    TORCH_CHECK(!INT8 || (QGROUP % Gs == 0 && K % QGROUP == 0 && (Gd / Gs & (Gd / Gs - 1)) == 0),
+                "int8 activations need groups of at most ", QGROUP, " inputs in super-blocks of 2^n groups, not ", Gs, ", ", Gd);
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
     thread_local Prepared per_thread;
     Prepared& in_rows = per_thread;                    // this thread's: the workers below read it too
@@ -544,4 +540,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rms_norm", &rms_norm, "RMSNorm of bf16 rows, each alone");
     m.def("rope", &rope, "rotary position embedding of bf16 rows, each alone");
     m.attr("activations") = INT8 ? "int8" : "bf16";
+    m.attr("record_inputs") = INT8 ? 4 : 2;
 }
