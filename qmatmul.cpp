@@ -8,7 +8,7 @@
 // scaled once, as llama.cpp does:
 //     y[r, n] = sum_g ( s[n, g] * sum_{k in g} q[n, k] x[r, k]  -  m[n, g] * sum_{k in g} x[r, k] )
 //
-// Three paths, one layout, chosen when compiled (`activations` says which numerics ran):
+// Three paths, chosen when compiled (`activations` says which numerics ran):
 //  - AVX512-BF16 ("bf16"): q and x are exact in bf16, so VDPBF16PS (x0 q0 + x1 q1 added to a
 //    float32 sum) needs no dequantised weights: the exact GGUF weights times the exact bf16 x.
 //  - AVX2 ("int8", every x86-64 CPU of the last decade): x is quantized per row and per QGROUP
@@ -18,11 +18,13 @@
 //    instruction, exact in integers, against 8 for a float32 FMA. m's term takes dx sum xq.
 //  - plain C++ ("bf16"), for any other CPU, the same sums as the AVX512 path.
 //
-// Layout, made once at load (linears.py's `tile`): outputs go in tiles of 16. For tile t and input
-// pair p (inputs 2p, 2p+1) the 32 values q form one 16-byte (4-bit) or 32-byte (8-bit) record:
-// value j < 16 is output j / 2, input 2p + j % 2; value 16 + j the same for output 8 + j / 2 (4-bit:
-// value j in byte j's low nibble, value 16 + j in its high nibble). So an output's pair sits in two
-// neighbouring values, which is what both VDPBF16PS and VPMADDUBSW multiply and add.
+// Layout, made once at load (linears.py's `tile`): outputs go in tiles of 16, and a record holds
+// `record_inputs` n side-by-side inputs of each (2 for the bf16 paths, whose VDPBF16PS takes a
+// pair; 4 for int8, whose VPMADDWD adds two pairs). For tile t and inputs nr .. nr + n - 1 the 16 n
+// values q form one record of 8n bytes (4-bit) or 16n (8-bit): value n i + j < 8 n is output i,
+// input nr + j; value 8 n + n i + j the same for output 8 + i (4-bit: value v < 8 n in byte v's
+// low nibble, value 8 n + v in its high nibble). So an output's n inputs sit side by side, which
+// is what the multiply-add instructions take.
 // scales, mins, d and dmin are stored (tiles, groups, 16): one vector a group.
 //
 // Each record is widened once per call and used by up to MAX_ROWS rows held in registers, so a
