@@ -24,9 +24,9 @@ zero: the draft's recent steps (their tokens over their priced time) against a p
 step (one token, one one-token pass) and a lookup run from the root. A drafted step also
 costs what its passes do not explain (growing and verifying a tree: measured, `Auto.extra`).
 The first try, and each later one of a draft that lost (ever less often), is made only while
-the tries would lose at most EXPLORE of the run's time (the prompt's pass included), this
-one's catch-up included: its first draft pass is over every token the draft has not seen
-(the whole prompt, at first).
+the tries would lose at most EXPLORE of the run's time (its seconds so far, the prompt's pass
+included, and plain steps for the tokens it may still emit), this one's catch-up included:
+its first draft pass is over every token the draft has not seen (the whole prompt, at first).
 """
 import bisect
 import math
@@ -219,11 +219,12 @@ class Fixed:
 class Auto:
     """--tree auto and --k auto: plans that maximise expected tokens per second (module docstring)."""
 
-    def __init__(self, target: Costs, draft: Costs):
-        self.target, self.draft = target, draft
+    def __init__(self, target: Costs, draft: Costs, ahead=0):
+        self.target, self.draft, self.ahead = target, draft, ahead          # ahead: tokens the run may still emit
         self.acceptance, self.lookups, self.match = Acceptance(), LookupRates(), 0
         self.recent, self.idle, self.patience = [], 0, RECENT    # drafted steps' (tokens, tree); since; before a try
         self.trying, self.lost, self.elapsed = False, 0.0, 0.0     # this step is a try; tries' loss; the run's seconds
+        self.catch_up = 0.0                                          # this step's first draft pass over more than 1 token
         self.beyond, self.extra = {True: deque(maxlen=RECENT), False: deque(maxlen=RECENT)}, 0.0  # drafted? -> s beyond
 
     def plan(self, guess=(), match=0, lag=1):
@@ -234,8 +235,9 @@ class Auto:
         _, alone = AutoPlan(self, runs, False).best_run(tree.Tree(), tree.ROOT, len(guess))
         drafted = sum(n for n, _ in self.recent) / sum(self.price(t) for _, t in self.recent) if self.recent else 0.0
         wins = drafted > alone                               # alone: at least a plain step's 1 / seconds(1)
-        catch_up = self.draft.seconds(lag) - self.draft.seconds(1)
-        tries = (not self.recent or self.idle >= self.patience) and self.lost + catch_up <= EXPLORE * self.elapsed
+        self.catch_up = catch_up = self.draft.seconds(lag) - self.draft.seconds(1)
+        run = self.elapsed + self.ahead * self.target.seconds(1)            # the run's seconds, as far as known
+        tries = (not self.recent or self.idle >= self.patience) and self.lost + catch_up <= EXPLORE * run
         drafts = wins or tries                               # a draft that lost is tried again, ever less often
         self.patience = RECENT if wins else min(2 * self.patience, 8 * RECENT) if tries and self.recent else self.patience
         self.idle = 0 if drafts else self.idle + 1
@@ -255,12 +257,14 @@ class Auto:
 
     def observe(self, step):
         self.elapsed += 0.0 if math.isnan(step.seconds) else step.seconds
+        self.ahead = max(0, self.ahead - len(step.tokens))
         if step.prompt:                              # the prompt's pass: the run's first seconds, not a step
             return
         if not math.isnan(step.seconds):             # a try loses what it took beyond plain steps for its tokens
             self.lost += max(0.0, step.seconds - len(step.tokens) * self.target.seconds(1)) if self.trying else 0.0
-                                                     # what its passes do not explain; medians of the last RECENT
-            self.beyond[step.tree.levels > 0].append(step.seconds - self.price(step.tree, extra=False))
+            drafted = step.tree.levels > 0           # what its passes (and its catch-up, a cost of once) do not
+                                                     # explain; medians of the last RECENT
+            self.beyond[drafted].append(step.seconds - self.price(step.tree, extra=False) - drafted * self.catch_up)
             self.extra = max(0.0, statistics.median(self.beyond[True] or [0]) - statistics.median(self.beyond[False] or [0]))
         if step.tree.levels:
             self.recent = (self.recent + [(len(step.tokens), step.tree)])[-RECENT:]    # priced at today's costs

@@ -201,8 +201,8 @@ def new_run(prompt_ids, target, draft, opts: "Options"):
         raise SpecError(f"{widest}: a step's widest pass ({opts.headroom} tokens) does not fit the model's context "
                         f"of {context} after the prompt ({len(prompt_ids)} tokens) and --max-new-tokens "
                         f"{opts.max_new_tokens}")
-    chooser = policy.Auto(policy.costs(model, "target"), policy.costs(draft[0], "draft")) if opts.auto \
-        else policy.Fixed(opts.k)
+    chooser = policy.Fixed(opts.k) if not opts.auto else \
+        policy.Auto(policy.costs(model, "target"), policy.costs(draft[0], "draft"), opts.max_new_tokens)
     for m in models:
         m.setup_cache(need + opts.headroom)
     if draft is not None:                   # the draft proposes from its commonest tokens, the prompt's, and the stops

@@ -499,11 +499,12 @@ def test_a_try_waits_until_its_catch_up_fits_the_budget():
     """A try's first draft pass takes every token the draft has not seen: on a draft whose pass
     costs 0.01 s a token more, a prompt of 40 tokens and plain steps of 1 s, the first try waits
     until EXPLORE of the run's seconds covers the catch-up (0.1 i >= 0.01 (40 + i): step 5);
-    the prompt's pass counts in the run's seconds (5 s of it cover the catch-up at once); and
-    where the draft has seen all but the root, it is tried at once."""
+    the prompt's pass counts in the run's seconds (5 s of it cover the catch-up at once), and so
+    do the plain steps of the tokens still to come (5 of them: at once); and where the draft has
+    seen all but the root, it is tried at once."""
     first = []
-    for prompt, prompt_seconds in ((40, 0.0), (40, 5.0), (0, 0.0)):
-        p = policy.Auto(policy.Costs((1, 32), (1.0, 1.0)), policy.Costs((1, 32), (0.2, 0.51)))
+    for prompt, prompt_seconds, ahead in ((40, 0.0, 0), (40, 5.0, 0), (40, 0.0, 6), (0, 0.0, 0)):
+        p = policy.Auto(policy.Costs((1, 32), (1.0, 1.0)), policy.Costs((1, 32), (0.2, 0.51)), ahead)
         p.observe(sd.Step([0], seconds=prompt_seconds, prompt=True))
         for i in range(10):
             plan = p.plan(lag=prompt + i + 1 if prompt else 1)
@@ -513,7 +514,7 @@ def test_a_try_waits_until_its_catch_up_fits_the_budget():
             step.seconds = 1.0
             p.observe(step)
         first.append(i)
-    assert first == [5, 0, 0] and not p.beyond[False]
+    assert first == [5, 0, 0, 0] and not p.beyond[False]
 
 
 def test_what_a_drafted_step_costs_beyond_its_passes_is_priced():
@@ -529,6 +530,20 @@ def test_what_a_drafted_step_costs_beyond_its_passes_is_priced():
             step.seconds = seconds
             p.observe(step)
     assert p.extra == pytest.approx(1.3) and not p.plan().drafts
+
+
+def test_a_try_s_catch_up_is_priced_once_not_in_every_drafted_step():
+    """The first try's first draft pass is over the whole prompt (41 tokens: 2 s more than a
+    one-token pass). A try that gives 2 tokens in its passes' time plus that catch-up leaves
+    nothing beyond its passes to price in later steps, so the next one drafts (2 tokens in
+    1.2 s against a plain step's 1 in 1 s; priced with the catch-up, 2 in 3.2 s, it would not)."""
+    p = policy.Auto(policy.Costs((1, 32), (1.0, 1.0)), policy.Costs((1, 32), (0.2, 1.75)), ahead=100)
+    p.observe(sd.Step([0], seconds=1.0, prompt=True))
+    assert p.plan(lag=41).drafts
+    step = step_of(2)
+    step.seconds = p.price(step.tree, extra=False) + p.draft.seconds(41) - p.draft.seconds(1)
+    p.observe(step)
+    assert p.extra == 0.0 and p.plan(lag=1).drafts
 
 
 def given_costs(monkeypatch):
