@@ -224,7 +224,7 @@ class Auto:
         self.acceptance, self.lookups, self.match = Acceptance(), LookupRates(), 0
         self.recent, self.idle, self.patience = [], 0, RECENT    # drafted steps' (tokens, tree); since; before a try
         self.trying, self.lost, self.elapsed = False, 0.0, 0.0     # this step is a try; tries' loss; the run's seconds
-        self.catch_up = 0.0                                          # this step's first draft pass over more than 1 token
+        self.catch_up = 0.0                                          # this step's first draft pass over a one-token one
         self.beyond, self.extra = {True: deque(maxlen=RECENT), False: deque(maxlen=RECENT)}, 0.0  # drafted? -> s beyond
 
     def plan(self, guess=(), match=0, lag=1):

@@ -178,11 +178,12 @@ inline __m256i by_lane(const uint8_t* p, bool sign) {      // 8 bytes -> 16-bit 
 // 16-bit lanes q0 x0 + q1 x1 and q2 x2 + q3 x3 (8-bit: |q| times x with q's sign). Those are
 // added in 16 bits while they cannot overflow (|q x| <= 15 * 127: a group of 32; |q| <= 32: 4
 // quads; else 1), then VPMADDWD times the group's scales adds a lane pair into an output's
-// 32-bit sum, sc sum q x, exact; it is scaled in float32 once a group.
+// 32-bit sum, sc sum q x, exact; it is scaled by d dx in float32 once a group.
 template <int M, int T, bool FOUR>
 void tile_rows(const Blocks& b, int64_t t, const Rows& in, uint16_t* y, int64_t ldy, const float* bias) {
     alignas(32) float acc[T][M][TILE] = {};    // the row's sums, touched once a group
-    const int64_t groups = b.K / b.Gs, quads = b.Gs / 4, d_shift = __builtin_ctzll(b.Gd / b.Gs), x_shift = __builtin_ctzll(QGROUP / b.Gs);
+    const int64_t groups = b.K / b.Gs, quads = b.Gs / 4;
+    const int d_shift = __builtin_ctzll(b.Gd / b.Gs), x_shift = __builtin_ctzll(QGROUP / b.Gs);   // g >> d_shift: g's d
     const int64_t record = FOUR ? 32 : 64, stride = (b.K / 4) * record;
     const int64_t chunk = std::min<int64_t>(quads, FOUR ? 8 : b.narrow ? 4 : 1);   // quads summed in 16 bits
     const __m256i nibble = _mm256_set1_epi8(15);
@@ -222,7 +223,8 @@ void tile_rows(const Blocks& b, int64_t t, const Rows& in, uint16_t* y, int64_t 
             for (int u = 0; u < T; u++)
                 for (int h = 0; h < 2; h++) {
                     const __m256i sc = by_lane(b.scales + ((t + u) * groups + g) * TILE + 8 * h, !FOUR);
-                    for (int m = 0; m < M; m++) sum[u][m][h] = _mm256_add_epi32(sum[u][m][h], _mm256_madd_epi16((__m256i)part[u][m][h], sc));
+                    for (int m = 0; m < M; m++)
+                        sum[u][m][h] = _mm256_add_epi32(sum[u][m][h], _mm256_madd_epi16((__m256i)part[u][m][h], sc));
                 }
         }
         #pragma GCC unroll 4
