@@ -235,9 +235,9 @@ class Auto:
         _, alone = AutoPlan(self, runs, False).best_run(tree.Tree(), tree.ROOT, len(guess))
         drafted = sum(n for n, _ in self.recent) / sum(self.price(t) for _, t in self.recent) if self.recent else 0.0
         wins = drafted > alone                               # alone: at least a plain step's 1 / seconds(1)
-        self.catch_up = catch_up = self.draft.seconds(lag) - self.draft.seconds(1)
+        self.catch_up = self.draft.seconds(lag) - self.draft.seconds(1)
         run = self.elapsed + self.ahead * self.target.seconds(1)            # the run's seconds, as far as known
-        tries = (not self.recent or self.idle >= self.patience) and self.lost + catch_up <= EXPLORE * run
+        tries = (not self.recent or self.idle >= self.patience) and self.lost + self.catch_up <= EXPLORE * run
         drafts = wins or tries                               # a draft that lost is tried again, ever less often
         self.patience = RECENT if wins else min(2 * self.patience, 8 * RECENT) if tries and self.recent else self.patience
         self.idle = 0 if drafts else self.idle + 1

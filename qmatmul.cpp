@@ -350,7 +350,8 @@ torch::Tensor qmatmul(torch::Tensor input, torch::Tensor q, torch::Tensor scales
     const int64_t Gs = K / scales.size(1), Gd = K / d.size(1);
     TORCH_CHECK(Gs % 8 == 0 && Gd % Gs == 0 && K % Gd == 0, "group sizes ", Gs, ", ", Gd, " do not divide ", K);
     TORCH_CHECK(!INT8 || (QGROUP % Gs == 0 && K % QGROUP == 0 && (Gd / Gs & (Gd / Gs - 1)) == 0),
-                "int8 activations need groups of at most ", QGROUP, " inputs in super-blocks of 2^n groups, not ", Gs, ", ", Gd);
+                "int8 activations need groups of at most ", QGROUP, " inputs in super-blocks of 2^n groups, not ",
+                Gs, ", ", Gd);
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
     thread_local Prepared per_thread;
     Prepared& in_rows = per_thread;                    // this thread's: the workers below read it too
