@@ -13,7 +13,7 @@ the new tokens' keys and values after the `length` slots already cached; positio
 RoPE) are given explicitly, so a token tree can put siblings at the same position. The
 mask says which new tokens each new token sees (a tree mask); every new token sees the
 whole cached prefix unless the mask covers it too. `truncate(n)` rolls the cache back,
-`compact(n, keep)` keeps slots n + keep (a tree's accepted path) right after the first n.
+`compact(n, slots)` keeps the given slots (a tree's accepted path) right after the first n.
 Module names follow the HuggingFace checkpoints so weights load by name.
 
 The linears (Linear, QLinear) and the loading of weights are linears.py's.
@@ -30,6 +30,8 @@ is built (the CPU). The prompt's pass, the same in every mode, takes SDPA's fast
 instead. The keys and values are cached in float32, as attention reads them.
 """
 import math
+import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -191,6 +193,7 @@ class Transformer(nn.Module):
         self.lm_head = Linear(c.dim, c.vocab_size, bias=False)
         self.length = 0          # cache slots in use
         self.reduced = None      # restrict_head: (the token ids its head computes, that head)
+        self.passes = deque(maxlen=64)   # (start, new tokens, seconds) of the latest forwards: policy.py reads them
 
     @classmethod
     def from_dir(cls, path, config: Config, device="cpu", dtype=torch.bfloat16, quant="auto"):
@@ -231,18 +234,20 @@ class Transformer(nn.Module):
 
         positions [B, T] default to the next slots. attn_mask (bool, True = may attend) is
         [T, T] over the new tokens (each also sees every cached slot) or [T, length + T] over
-        all slots (a tree grown level by level hides its other branches); None means causal."""
-        B, T = tokens.shape
-        start = self.length
+        all slots (a tree grown level by level hides its other branches); None means causal.
+        They may lie on any device: they move to the model's."""
+        (B, T), start, device, began = tokens.shape, self.length, self.device, time.perf_counter()
         if start + T > self.max_len:
             raise ModelError(f"cache full: {start} + {T} tokens > {self.max_len} slots")
         if positions is None:
-            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+            positions = torch.arange(start, start + T).expand(B, T)
+        tokens, positions = tokens.to(device), positions.to(device)
+        attn_mask = attn_mask if attn_mask is None else attn_mask.to(device)
         if start == 0 and attn_mask is None:
             seen = None                                                  # the prompt: causal
         else:                                                            # where no kernel is built: in torch
             seen = self.full_mask(attn_mask, start, T)
-            kernel = self.device.type == "cpu" and self.dtype != torch.float64 and linears.qmatmul() is not None   # (float32 sums)
+            kernel = device.type == "cpu" and self.dtype != torch.float64 and linears.qmatmul() is not None   # (float32 sums)
             seen = seen if kernel else Visible.of(seen)
         cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         x = self.model.embed_tokens(tokens)
@@ -251,10 +256,13 @@ class Transformer(nn.Module):
         self.length = start + T
         x = self.model.norm(x[:, -last:] if last else x)                 # the head only where it is read
         if self.reduced is None:
-            return self.lm_head(x).float()
-        rows, head = self.reduced
-        out = x.new_full((*x.shape[:2], self.config.vocab_size), float("-inf"), dtype=torch.float32)
-        return out.index_copy_(-1, rows, head(x).float())
+            logits = self.lm_head(x).float()
+        else:
+            rows, head = self.reduced
+            logits = x.new_full((*x.shape[:2], self.config.vocab_size), float("-inf"), dtype=torch.float32)
+            logits.index_copy_(-1, rows, head(x).float())
+        self.passes.append((start, T, time.perf_counter() - began))    # (on a GPU: before it is done)
+        return logits
 
     def restrict_head(self, tokens):
         """Compute the logits of `tokens` (and the rest of their 16-row tiles) only; the others
@@ -280,12 +288,16 @@ class Transformer(nn.Module):
         """Forget every cached slot from n on (rejected draft tokens)."""
         self.length = n
 
-    def compact(self, n, keep):
-        """Keep slots n + keep[i] (a LongTensor of offsets) as slots n + i: a tree's accepted path."""
-        if not torch.equal(keep, torch.arange(len(keep), device=keep.device)):   # (a path in place moves nothing)
-            for cache in self.caches:
-                cache.keep(n, n + keep)
-        self.length = n + len(keep)
+    def compact(self, n, slots):
+        """Keep the first n slots, then `slots` (ascending, from n on) as slots n, n + 1, ...: a
+        step's accepted path. What the cache does not hold is dropped (a draft never sees a
+        tree's last level, nor, after a step without it, the prefix's last tokens)."""
+        if self.length > n:
+            slots = [s for s in slots if s < self.length]
+            if slots != list(range(n, n + len(slots))):                       # (a path in place moves nothing)
+                for cache in self.caches:
+                    cache.keep(n, torch.tensor(slots, device=self.device))
+            self.length = n + len(slots)
 
 
 # ---------------------------------------------------------------------------- batch-invariant attention

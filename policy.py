@@ -4,9 +4,10 @@ decides; the tokens emitted never depend on it (verification keeps them exact).
 
 Cost. Once per loaded model, its forward is timed at WIDTHS new tokens (best of three), and
 `Costs.seconds(n)` interpolates that table, each width corrected by the median ratio of the
-passes seen since (every forward on the CPU is timed) to what the table said: a table timed
-during a burst of load, or a machine that gets busier or quieter, is refit by the passes
-themselves, and a width never seen takes the correction of the nearest one seen.
+passes seen since (the model times each forward; on the CPU the policy reads those times
+after each step, `Costs.refit`) to what the table said: a table timed during a burst of
+load, or a machine that gets busier or quieter, is refit by the passes themselves, and a
+width never seen takes the correction of the nearest one seen.
 
 Acceptance. Once its parent is accepted, a draft token x at depth d with draft
 probability q(x) is accepted with probability about min(1, c_d q(x)), where c_d is this
@@ -57,15 +58,14 @@ class Costs:
     the passes observed since."""
     widths: tuple
     times: tuple
+    log: deque = None                            # the model's latest passes (Transformer.passes); None: not refit
     seen: dict = field(default_factory=dict)     # table index -> recent (observed / table) ratios
     fit: tuple = None                            # fitted(), until the next observation
 
-    def seconds(self, n):
-        self.fit = self.fit or self.fitted()
-        return self.interpolate(self.fit, n)
-
-    def interpolate(self, times, n):
-        """Linear between the widths, the last segment continued past them."""
+    def seconds(self, n, times=None):
+        """Linear between the widths of the table (as refit, or `times`), the last segment continued past them."""
+        if times is None:
+            self.fit = times = self.fit or self.fitted()
         i = min(max(bisect.bisect_left(self.widths, n), 1), len(self.widths) - 1)
         (w0, w1), (t0, t1) = self.widths[i - 1:i + 1], times[i - 1:i + 1]
         return max(t0 + (t1 - t0) * (n - w0) / (w1 - w0), 1e-6)
@@ -78,11 +78,20 @@ class Costs:
         nearest = lambda i: ratio[min(ratio, key=lambda j: (abs(j - i), j))]
         return tuple(t * nearest(i) for i, t in enumerate(self.times))
 
+    def refit(self):
+        """Observe the passes in the model's log since the last refit (a step's: after a prompt's
+        pass, at most max(widths) wide), and fit the table to them: between steps, not in one."""
+        while self.log:
+            start, n, seconds = self.log.popleft()
+            if start > 0 and n <= self.widths[-1]:
+                self.observe(n, seconds)
+        self.fit = self.fit or self.fitted()
+
     def observe(self, n, seconds):
         """A pass over n new tokens took `seconds`: kept (the last RECENT) at the nearest width."""
         i = min(range(len(self.widths)), key=lambda j: abs(self.widths[j] - n))
         ratios = self.seen.setdefault(i, [])
-        ratios.append(seconds / self.interpolate(self.times, n))
+        ratios.append(seconds / self.seconds(n, self.times))
         del ratios[:-RECENT]
         self.fit = None
 
@@ -107,28 +116,11 @@ def costs(model, name, rounds=3):
                 model(ids[:, prompt:prompt + w], last=w).sum().item()       # .item(): waits for a GPU
                 times[i] = min(times[i], time.perf_counter() - t0)
         times = [min(times[i:]) for i in range(len(times))]      # a narrower pass is never dearer: noise
-        _measured[model] = Costs(WIDTHS, tuple(times))
-        if model.device.type == "cpu":                           # (a GPU's forward returns before it is done)
-            watch(model, _measured[model])
+        model.passes.clear()                                     # (a GPU's forward returns before it is done)
+        _measured[model] = Costs(WIDTHS, tuple(times), model.passes if model.device.type == "cpu" else None)
         ms = "/".join(f"{s * 1e3:.0f}" for s in times)
         say(f"{name} forward at {'/'.join(map(str, WIDTHS))} tokens: {ms} ms (timed once, {time.perf_counter() - t:.1f} s)")
     return _measured[model]
-
-
-def watch(model, costs):
-    """Time every later forward of `model` after the prompt's (those up to max(WIDTHS) tokens
-    wide) into costs.observe: hooks around the module's call, so no step needs to time itself."""
-    began = {}
-
-    def before(module, args):
-        began["t"] = time.perf_counter() if 0 < module.length and args[0].shape[1] <= max(WIDTHS) else None
-
-    def after(module, args, out):
-        if began["t"] is not None:
-            costs.observe(args[0].shape[1], time.perf_counter() - began["t"])
-
-    model.register_forward_pre_hook(before)
-    model.register_forward_hook(after)
 
 
 class Acceptance:
@@ -144,7 +136,7 @@ class Acceptance:
         return a / s
 
     def observe(self, t, path):
-        if not t.tokens:
+        if len(t.tokens) == 1:
             return
         for d in self.counts.values():
             d[0], d[1] = DECAY * d[0], DECAY * d[1]
@@ -200,14 +192,8 @@ class Fixed:
     def observe(self, step):
         pass
 
-    def value(self, t, parent, q):
-        return math.nan                                # not valued: the budgets decide
-
-    def keep(self, t, values):
-        return len(values)
-
-    def deeper(self, t, frontier):
-        return True
+    def level(self, t, parents, q):
+        return [math.nan] * len(q), len(q), True       # not valued: the budgets decide
 
     def lookup(self, t, tip, room):
         return room
@@ -252,10 +238,12 @@ class Auto:
         return passes + (self.extra if extra and t.levels else 0.0)
 
     def price(self, t, extra=True):
-        """Priced seconds of a step's tree: its drafting and the target pass over its nodes and the root."""
-        return self.draft_seconds(t, extra) + self.target.seconds(len(t.tokens) + 1)
+        """Priced seconds of a step's tree: its drafting and the target pass over its nodes, the root's first."""
+        return self.draft_seconds(t, extra) + self.target.seconds(len(t.tokens))
 
     def observe(self, step):
+        for table in (self.target, self.draft):         # the step's passes, as the models timed them
+            table.refit()
         self.elapsed += 0.0 if math.isnan(step.seconds) else step.seconds
         self.ahead = max(0, self.ahead - len(step.tokens))
         if step.prompt:                              # the prompt's pass: the run's first seconds, not a step
@@ -272,36 +260,36 @@ class Auto:
         self.lookups.observe(step.tree, step.path, self.match)
 
 
+@dataclass
 class AutoPlan:
-    """One step's plan under Auto (tree.Plan): a tree of N nodes with values v is expected to
-    give E = 1 + sum(v) tokens in its priced draft seconds plus a target pass over N + 1."""
-
-    def __init__(self, policy: Auto, runs, drafts):
-        self.policy, self.runs, self.drafts = policy, runs, drafts
+    """One step's plan under Auto (tree.Plan): a tree whose nodes (the root's first) have
+    values v is expected to give E = sum(v) tokens (the root's 1: the target's own token) in
+    its priced draft seconds plus a target pass over its nodes."""
+    policy: Auto
+    runs: list                     # P(the next j lookup tokens are all accepted), j = 1, 2, ... (LookupRates.runs)
+    drafts: bool
 
     def grown(self, t):
         """(expected tokens, priced draft seconds, nodes) of tree t as grown so far."""
-        return 1 + sum(v for v in t.values if not math.isnan(v)), self.policy.draft_seconds(t), len(t.tokens)
+        return sum(v for v in t.values if not math.isnan(v)), self.policy.draft_seconds(t), len(t.tokens)
 
     def rate(self, expected, seconds, nodes):
-        """Expected tokens per second: draft seconds, then a target pass over the nodes and the root."""
-        return expected / (seconds + self.policy.target.seconds(nodes + 1))
+        """Expected tokens per second: draft seconds, then a target pass over the nodes."""
+        return expected / (seconds + self.policy.target.seconds(nodes))
 
-    def value(self, t, parent, q):
-        """v(parent) min(1, c_d q) at the child's depth d."""
-        return t.value(parent) * min(1.0, self.policy.acceptance.c(t.depth(parent) + 1) * q)
-
-    def keep(self, t, values):
-        """The m that maximises the expected rate, the level's first m candidates kept."""
+    def level(self, t, parents, q):
+        """Values v = v(parent) min(1, c_d q) at the children's depth d; keep the m best that
+        maximise the expected rate, and draft below them if a run below the best one pays."""
+        c = self.policy.acceptance.c
+        values = [t.values[f] * min(1.0, c(t.depths[f] + 1) * qx) for f, qx in zip(parents, q)]
         expected, seconds, n = self.grown(t)
-        rates = [self.rate(expected + e, seconds, n + m) for m, e in enumerate(accumulate(values, initial=0.0))]
-        return max(range(len(rates)), key=lambda m: (rates[m], -m))
-
-    def deeper(self, t, frontier):
-        """Whether another draft pass pays, looking down from the best frontier node."""
-        best = max(frontier, key=t.value)
-        rho = min(1.0, self.policy.acceptance.c(t.depths[best] + 1) * t.q[best])
-        return self.pays(*self.grown(t), t.value(best), rho, len(frontier))
+        gains = list(accumulate(values, initial=0.0))
+        m = max(range(len(gains)), key=lambda m: (self.rate(expected + gains[m], seconds, n + m), -m))
+        if m == 0:
+            return values, 0, False
+        best = max(range(m), key=values.__getitem__)
+        rho = min(1.0, c(t.depths[parents[best]] + 2) * q[best])
+        return values, m, self.pays(expected + gains[m], seconds, n + m, values[best], rho, m)
 
     def pays(self, expected, seconds, nodes, v, rho, width):
         """Whether drafting on pays within K_MAX more levels (the next a pass over `width` new
@@ -319,8 +307,8 @@ class AutoPlan:
         """(j, rate): how many of `room` lookup tokens to hang below node tip, the j-th accepted
         with v(tip) runs[j - 1], each one more node in the target's pass."""
         expected, seconds, n = self.grown(t)
-        values = [t.value(tip) * run for run in self.runs[:room]]
-        rates = [self.rate(expected + e, seconds, n + j) for j, e in enumerate(accumulate(values, initial=0.0))]
+        values = [t.values[tip] * run for run in self.runs[:room]]
+        rates = [self.rate(expected + gain, seconds, n + j) for j, gain in enumerate(accumulate(values, initial=0.0))]
         j = max(range(len(rates)), key=lambda j: (rates[j], -j))
         return j, rates[j]
 
@@ -336,4 +324,4 @@ class AutoPlan:
             v *= min(1.0, self.policy.acceptance.c(i) * qi)
             values.append(v)
         rho = min(1.0, self.policy.acceptance.c(k + 1) * q[-1])
-        return self.pays(1 + sum(values), k * self.policy.draft.seconds(1), k, v, rho, 1)
+        return self.pays(1 + sum(values), k * self.policy.draft.seconds(1), k + 1, v, rho, 1)

@@ -100,10 +100,12 @@ class Races:
 
     def at(self, t0, n=1):
         """[n, V]: E_t for t = t0 .. t0 + n - 1."""
+        if self.one_hot:                                   # greedy: nothing to draw
+            return torch.ones(n, self.vocab, device=self.device)
         for t in range(t0, t0 + n):
             if t not in self.kept:
                 g = torch.Generator(device=self.device).manual_seed(race_seed(self.seed, t))
-                self.kept[t] = exponentials(self.vocab, generator=g, device=self.device, one_hot=self.one_hot)
+                self.kept[t] = exponentials(self.vocab, generator=g, device=self.device)
         out = torch.stack([self.kept[t] for t in range(t0, t0 + n)])
         while len(self.kept) > 32:
             del self.kept[min(self.kept)]

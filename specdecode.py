@@ -81,7 +81,7 @@ class Run:
 def feed(model, tokens, extra=(), last=1):
     """Run the model on what its cache lacks of `tokens`, then `extra`: the last `last` logits [1, last, V]."""
     new = tokens[model.length:] + list(extra)
-    return model(torch.tensor([new], device=model.device), last=last)
+    return model(torch.tensor([new]), last=last)
 
 
 def ar_step(target, draft, run, opts):
@@ -127,7 +127,7 @@ def chain_step(target, draft, run, opts):
     n = int(n)
     target.truncate(prefix + n)
     draft.truncate(min(draft.length, prefix + n))
-    return Step(out[0, :n + 1].tolist(), tree.Tree.of_chain(drafts, q_drafts), list(range(n)))
+    return Step(out[0, :n + 1].tolist(), tree.Tree.of_chain(drafts, q_drafts), list(range(1, n + 1)))
 
 
 def tree_step(target, draft, run, opts):
@@ -139,10 +139,11 @@ def tree_step(target, draft, run, opts):
     t = tree.grow(draft, tokens, run.policy.plan(guess, match, len(tokens) - draft.length), g)
     p = opts.settings.probs(tree.score(target, tokens, t)[0, :, :run.vocab])
     if opts.verify == "coupled":
-        path, new = tree.verify_coupled(t, p, run.races.at(prefix, max(t.depths, default=0) + 1))
+        path, new = tree.verify_coupled(t, p, run.races.at(prefix, max(t.depths) + 1))
     else:
         path, new = tree.verify(t, p, run.generator, one_hot=opts.greedy)
-    tree.compact(target, draft, prefix, t, path)
+    for model in (target, draft):                    # both caches keep the prefix and the accepted path's nodes
+        model.compact(prefix, [prefix - 1 + i for i in path])
     return Step([t.tokens[i] for i in path] + [new], t, path)
 
 
@@ -329,7 +330,7 @@ class Stats:
         self.draft_passes += t.levels
         self.from_lookup += sum(t.sources[i] == "lookup" for i in step.path)
         self.plain_steps += not t.levels
-        self.drafted_per_step.append(len(t.tokens))
+        self.drafted_per_step.append(len(t.tokens) - 1)
         self.accepted_per_step.append(len(step.path))
 
     drafted = property(lambda self: sum(self.drafted_per_step))
@@ -460,43 +461,43 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser():
-    p = Parser(description="Speculative decoding (autoregressive, chain, tree) for Llama/Qwen models.")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt; '-' reads stdin")
-    p.add_argument("--mode", choices=STEPS, default="tree",
-                   help="default: tree with --tree auto, the fastest mode bench.py measured on the demo pair")
-    p.add_argument("--target", default=weights.DEMO_TARGET, help="HuggingFace folder or demo name")
-    p.add_argument("--draft", default=weights.DEMO_DRAFT, help="HuggingFace folder or demo name")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    p.add_argument("--k", default="auto", help="chain: draft tokens per step, or 'auto'")
-    p.add_argument("--tree", choices=("auto", "fixed"), default="auto",
-                   help="tree: size each tree from measured costs (auto) or fill the budgets (fixed)")
-    p.add_argument("--max-depth", type=int, default=tree.Budget.max_depth)
-    p.add_argument("--max-nodes-per-level", type=int, default=tree.Budget.max_nodes_per_level)
-    p.add_argument("--max-total-nodes", type=int, default=tree.Budget.max_total_nodes)
-    p.add_argument("--max-time", type=float, default=tree.Budget.max_time, help="seconds to grow one tree")
-    p.add_argument("--branch", type=int, default=tree.Budget.branch, help="tree: children per expanded node")
-    p.add_argument("--prune", choices=("best", "random"), default="best")
-    p.add_argument("--verify", choices=("coupled", "rejection"), default="coupled",
-                   help="coupled: position t races with exponentials from (seed, t), so a seed gives ar's text in "
-                        "every mode; rejection: rejection sampling (accepts slightly more, text varies with the draft)")
-    p.add_argument("--lookup", choices=("auto", "off"), default="auto",
-                   help="tree: also propose what followed the last few tokens where they occurred before in the "
-                        "prompt or output, at no draft cost, where the policy expects gain (editing)")
-    p.add_argument("--children", choices=("auto", "top-k", "sample"), default="auto",
-                   help="tree, --verify rejection: top-k candidates or i.i.d. draws (auto: draws when temperature > 0)")
-    p.add_argument("--viz", metavar="PNG", help="tree: draw the step with the most nodes")
-    p.add_argument("--viz-dir", metavar="DIR", help="tree: one PNG per step and an animated GIF")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    p.add_argument("--quant", choices=QUANTS, default="auto",
-                   help="auto: a folder's quantized blocks where it has them (the demo models: exact, a third of "
-                        "the bytes), none: dense weights, int4: also round dense linears to 4 bits (lossy)")
-    return p
+    ap = Parser(description="Speculative decoding (autoregressive, chain, tree) for Llama/Qwen models.")
+    ap.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt; '-' reads stdin")
+    ap.add_argument("--mode", choices=STEPS, default="tree",
+                    help="default: tree with --tree auto, the fastest mode bench.py measured on the demo pair")
+    ap.add_argument("--target", default=weights.DEMO_TARGET, help="HuggingFace folder or demo name")
+    ap.add_argument("--draft", default=weights.DEMO_DRAFT, help="HuggingFace folder or demo name")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    ap.add_argument("--k", default="auto", help="chain: draft tokens per step, or 'auto'")
+    ap.add_argument("--tree", choices=("auto", "fixed"), default="auto",
+                    help="tree: size each tree from measured costs (auto) or fill the budgets (fixed)")
+    ap.add_argument("--max-depth", type=int, default=tree.Budget.max_depth)
+    ap.add_argument("--max-nodes-per-level", type=int, default=tree.Budget.max_nodes_per_level)
+    ap.add_argument("--max-total-nodes", type=int, default=tree.Budget.max_total_nodes)
+    ap.add_argument("--max-time", type=float, default=tree.Budget.max_time, help="seconds to grow one tree")
+    ap.add_argument("--branch", type=int, default=tree.Budget.branch, help="tree: children per expanded node")
+    ap.add_argument("--prune", choices=("best", "random"), default="best")
+    ap.add_argument("--verify", choices=("coupled", "rejection"), default="coupled",
+                    help="coupled: position t races with exponentials from (seed, t), so a seed gives ar's text in "
+                         "every mode; rejection: rejection sampling (accepts slightly more, text varies with the draft)")
+    ap.add_argument("--lookup", choices=("auto", "off"), default="auto",
+                    help="tree: also propose what followed the last few tokens where they occurred before in the "
+                         "prompt or output, at no draft cost, where the policy expects gain (editing)")
+    ap.add_argument("--children", choices=("auto", "top-k", "sample"), default="auto",
+                    help="tree, --verify rejection: top-k candidates or i.i.d. draws (auto: draws when temperature > 0)")
+    ap.add_argument("--viz", metavar="PNG", help="tree: draw the step with the most nodes")
+    ap.add_argument("--viz-dir", metavar="DIR", help="tree: one PNG per step and an animated GIF")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    ap.add_argument("--quant", choices=QUANTS, default="auto",
+                    help="auto: a folder's quantized blocks where it has them (the demo models: exact, a third of "
+                         "the bytes), none: dense weights, int4: also round dense linears to 4 bits (lossy)")
+    return ap
 
 
 def parse_args(argv):

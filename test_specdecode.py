@@ -240,7 +240,7 @@ def test_attend_is_the_masked_softmax_and_a_query_alone(dtype):
     q = torch.randn(1, 12, 9, 32, generator=g).to(dtype)
     cache_k, cache_v = torch.randn(2, 1, 2, 200, 32, generator=g)
     k, v = cache_k[:, :, :P + 9], cache_v[:, :, :P + 9]              # views of a longer cache, as model.py passes
-    mask = torch.cat((torch.ones(9, P, dtype=torch.bool), t.ancestors()), 1)
+    mask = torch.cat((torch.ones(9, P, dtype=torch.bool), t.ancestors()[1:, 1:]), 1)
     y = ext.attend(q, k, v, mask)
     s = (q.double() @ k.double().repeat_interleave(6, 1).transpose(-1, -2) / 32 ** 0.5).masked_fill(~mask, float("-inf"))
     ref = s.softmax(-1) @ v.double().repeat_interleave(6, 1)
@@ -285,15 +285,22 @@ def test_quantize_4bit_keeps_weights_on_its_grid_and_rounds_others_within_half_a
 
 
 def random_tree(n, seed):
+    """n nodes below the root, each under the root or an earlier node."""
     g = torch.Generator().manual_seed(seed)
     t = tree.Tree()
-    for i in range(n):
-        parent = int(torch.randint(-1, i, (1,), generator=g)) if i else -1
-        parent = tree.ROOT if parent < 0 else parent
-        t.tokens.append(int(torch.randint(0, 32, (1,), generator=g)))
-        t.parents.append(parent)
-        t.depths.append(1 + t.depth(parent))
+    for i in range(1, n + 1):
+        token = int(torch.randint(0, 32, (1,), generator=g))
+        t.add(int(torch.randint(0, i, (1,), generator=g)), tree.Candidate(token, 0.5, 0.0))
     return t
+
+
+def path_to(t, node):
+    """The tokens from the root's child down to `node`."""
+    path = []
+    while node != tree.ROOT:
+        path.insert(0, t.tokens[node])
+        node = t.parents[node]
+    return path
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -303,17 +310,11 @@ def test_tree_mask_equals_each_path_alone(tmp_path, seed):
     t = random_tree(9, seed)
     m.setup_cache(64)
     m(torch.tensor([prefix[:5]]))                    # part of the prefix already cached
-    together = tree.score(m, prefix, t)[0]           # root, then every node
+    together = tree.score(m, prefix, t)[0]           # row i: node i, the root's first
     for i in range(len(t.tokens)):
-        path, node = [], i
-        while node is not tree.ROOT:
-            path.insert(0, t.tokens[node])
-            node = t.parents[node]
         m.setup_cache(64)
-        alone = m(torch.tensor([prefix + path]))[0, -1]
-        assert torch.allclose(together[i + 1], alone, atol=1e-9)
-    m.setup_cache(64)
-    assert torch.allclose(together[0], m(torch.tensor([prefix]))[0, -1], atol=1e-9)
+        alone = m(torch.tensor([prefix + path_to(t, i)]))[0, -1]
+        assert torch.allclose(together[i], alone, atol=1e-9)
 
 
 @pytest.mark.parametrize("arch, heads", [("qwen2", 8), ("llama3", 6)])
@@ -334,15 +335,11 @@ def test_a_position_s_logits_do_not_depend_on_the_width_of_the_pass(tmp_path, dt
         t = random_tree(W, W)
         m.truncate(90)
         together = tree.score(m, prefix, t)[0]         # the root (the last token), then every node
-        for i in [tree.ROOT, *range(W)]:
-            path, node = [], i
-            while node is not tree.ROOT:
-                path.insert(0, t.tokens[node])
-                node = t.parents[node]
+        for i in range(W + 1):
             m.truncate(90)
-            for x in prefix[-1:] + path:
+            for x in prefix[-1:] + path_to(t, i):
                 alone = m(torch.tensor([[x]]))[0, -1]
-            assert torch.equal(together[tree.row(i)], alone), (W, i)
+            assert torch.equal(together[i], alone), (W, i)
 
 
 def test_compact_keeps_the_accepted_path(tmp_path):
@@ -351,9 +348,10 @@ def test_compact_keeps_the_accepted_path(tmp_path):
     t = random_tree(6, 3)
     m.setup_cache(32)
     tree.score(m, prefix, t)
-    path = [i for i in range(6) if t.parents[i] is tree.ROOT][:1]
-    path += [i for i in range(6) if t.parents[i] == path[0]][:1]
-    m.compact(len(prefix), torch.tensor(path))
+    path = [i for i in range(1, 7) if t.parents[i] == tree.ROOT][:1]
+    path += [i for i in range(1, 7) if t.parents[i] == path[0]][:1]
+    assert len(path) == 2
+    m.compact(len(prefix), [len(prefix) - 1 + i for i in path])
     after = m(torch.tensor([[5]]))[0, -1]
     m.setup_cache(32)
     assert torch.allclose(after, m(torch.tensor([prefix + [t.tokens[i] for i in path] + [5]]))[0, -1], atol=1e-9)
@@ -457,7 +455,7 @@ def step_of(n_tokens, levels=1, nodes=1):
     """A Step record as a policy sees it: n tokens emitted, a chain of `nodes` drafted."""
     t = tree.Tree.of_chain([1] * nodes, [0.5] * nodes)
     t.levels = levels
-    return sd.Step([0] * n_tokens, t, list(range(min(n_tokens - 1, nodes))))
+    return sd.Step([0] * n_tokens, t, list(range(1, min(n_tokens - 1, nodes) + 1)))
 
 
 def test_a_draft_that_does_not_pay_gives_plain_steps_and_is_tried_again():
@@ -592,9 +590,10 @@ def test_lookup_counts_per_match_length_give_the_chance_of_each_run():
     Beta(accepted, judged - accepted), as sampling r says."""
     rates = policy.LookupRates()
     assert rates.runs(3, 2) == pytest.approx([0.5, 0.5 * 1.5 / 2]) and rates.runs(2, 1) == [0.25]
-    t = tree.Tree(tokens=[9, 1, 7], parents=[tree.ROOT, 0, tree.ROOT], depths=[1, 2, 1], q=[0.5, float("nan"), 0.3],
-                  sources=["both", "lookup", "draft"])
-    rates.observe(t, [0], 3)                                   # 9 accepted, then 1 rejected
+    t = tree.Tree()
+    for parent, token, q, source in [(0, 9, 0.5, "both"), (1, 1, math.nan, "lookup"), (0, 7, 0.3, "draft")]:
+        t.add(parent, tree.Candidate(token, q, 0.0, source=source))
+    rates.observe(t, [1], 3)                                   # 9 accepted, then 1 rejected
     assert rates.counts[3] == pytest.approx([0.45 + 1, 0.9 + 2]) and rates.counts[2] == [0.25, 1.0]
     a, judged = rates.counts[3]
     torch.manual_seed(0)
@@ -610,9 +609,10 @@ def test_acceptance_is_calibrated_per_depth_on_the_judged_tokens():
     from a prior of 1 / 1); tokens under a rejected parent, and lookup tokens (nan q), are not judged."""
     a = policy.Acceptance()
     assert a.c(1) == 1.0 and a.c(20) == 1.0
-    t = tree.Tree(tokens=[5, 6, 7, 8], parents=[tree.ROOT, tree.ROOT, 0, 1], depths=[1, 1, 2, 2], q=[0.5, 0.25, 0.5, 0.9],
-                  sources=["draft"] * 4)
-    a.observe(t, [0])                                           # 5 accepted; 6 rejected; 7 judged, 8 not
+    t = tree.Tree()
+    for parent, token, q in [(0, 5, 0.5), (0, 6, 0.25), (1, 7, 0.5), (2, 8, 0.9)]:
+        t.add(parent, tree.Candidate(token, q, 0.0))
+    a.observe(t, [1])                                           # 5 accepted; 6 rejected; 7 judged, 8 not
     assert a.counts[1] == pytest.approx([1.0 + 1, 1.0 + 0.75]) and a.counts[2] == pytest.approx([1.0, 1.5])
     assert a.c(1) == pytest.approx(2 / 1.75) and a.c(2) == pytest.approx(1 / 1.5)
 
@@ -644,9 +644,9 @@ def test_a_lookup_only_step_is_the_continuation_as_a_chain_from_the_root(pair):
     draft.setup_cache(64)
     t = tree.grow(draft, tokens, plan, tree.Growth(sd.Settings(), tree.Budget(), 16, None, None, len(tokens), guess))
     assert not plan.drafts and draft.length == 0 and t.levels == 0
-    assert t.tokens == [4, 5, 6, 7, 1, 2, 3] and t.parents == [tree.ROOT, 0, 1, 2, 3, 4, 5] and t.depths == [1, 2, 3, 4, 5, 6, 7]
-    assert set(t.sources) == {"lookup"} and all(math.isnan(q) for q in t.q)
-    assert [[c.token for c in t.candidates[i]] for i in [tree.ROOT, *range(7)]] == [[4], [5], [6], [7], [1], [2], [3], []]
+    assert t.tokens == [3, 4, 5, 6, 7, 1, 2, 3] and t.parents == [None, 0, 1, 2, 3, 4, 5, 6]
+    assert t.depths == list(range(8)) and set(t.sources[1:]) == {"lookup"} and all(math.isnan(q) for q in t.q)
+    assert [[c.token for c in t.candidates[i]] for i in range(8)] == [[4], [5], [6], [7], [1], [2], [3], []]
 
 
 def test_lookup_only_steps_keep_the_output_and_the_caches(pair, monkeypatch):
@@ -667,7 +667,7 @@ def test_lookup_only_steps_keep_the_output_and_the_caches(pair, monkeypatch):
         want, _ = run(target, None, [3, 1, 3], "ar", temperature=temperature, seed=5, max_new_tokens=40)
         steps = []
         out, stats = run(target, draft, [3, 1, 3], "tree", temperature=temperature, seed=5, max_new_tokens=40,
-                         on_tree=lambda t, path, new: steps.append((t.levels, len(t.tokens))))
+                         on_tree=lambda t, path, new: steps.append((t.levels, len(t.tokens) - 1)))
         assert out == want and any(levels > 0 for levels, _ in steps)
         assert any(levels == 0 and nodes > 0 for levels, nodes in steps)     # a lookup chain without the draft
         for m in (target, draft):
@@ -689,7 +689,7 @@ def test_tree_budgets_hold(pair):
     run(target, draft, [1, 2], "tree", budget=budget, sizing="fixed", max_new_tokens=20,
         on_tree=lambda t, path, new: sizes.append(t))
     for t in sizes:
-        assert len(t.tokens) <= 10 and max(t.depths) <= 5
+        assert len(t.tokens) - 1 <= 10 and max(t.depths) <= 5
         assert all(t.depths.count(d) <= 3 for d in set(t.depths))
     target.setup_cache(64)
     budget = tree.Budget(max_time=1e-9)
@@ -727,18 +727,23 @@ def test_random_pruning_follows_the_seed(pair):
 
 def test_costs_interpolate_the_table_measured_once(pair):
     """Costs.seconds: linear between the measured widths, the last segment continued past
-    them; policy.costs times a model once (monotone: a narrower pass is never dearer)."""
+    them; policy.costs times a model once (monotone: a narrower pass is never dearer); refit
+    reads the passes the model timed since, a step's, not a prompt's."""
     c = policy.Costs((1, 2, 4), (1.0, 1.0, 1.4))
     assert c.seconds(1) == 1.0 and c.seconds(3) == pytest.approx(1.2) and c.seconds(8) == pytest.approx(2.2)
     target = pair[0]
     measured = policy.costs(target, "target")
     assert policy.costs(target, "target") is measured and measured.widths == policy.WIDTHS
     assert list(measured.times) == sorted(measured.times)
+    measured.refit()
     measured.seen.clear()
     target.setup_cache(40)
     target(torch.tensor([[1, 2, 3]]))                  # the prompt's pass: not a step's, not observed
+    measured.refit()
     assert not measured.seen
-    target(torch.tensor([[4, 5]]))                     # a later pass is observed, at width 2
+    target(torch.tensor([[4, 5]]))                     # a later pass is observed, at width 2, once
+    measured.refit()
+    measured.refit()
     assert list(measured.seen) == [1] and len(measured.seen[1]) == 1
 
 
@@ -979,15 +984,15 @@ def small_tree(children, g, V=8):
             for c in (sampler.draw(q1.expand(3, V), exp(3)) if drawn else q1.topk(3).indices).tolist()]
     t.candidates[tree.ROOT] = [tree.Candidate(int(q1.argmin()), 0, 0, source="lookup")] * mixed + made
     for c in t.candidates[tree.ROOT]:
-        if c.token not in t.tokens:
-            t.add(tree.ROOT, c, 1)
-    for i, c in enumerate(list(t.tokens)):
+        if c.token not in t.tokens[1:]:
+            t.add(tree.ROOT, c)
+    for i, c in enumerate(t.tokens[1:], 1):
         grand = sampler.draw(q2[c].expand(2, V), exp(2)) if drawn else q2[c].topk(2).indices
         t.candidates[i] = [tree.Candidate(int(q2[c].argmin()), 0, 0, source="lookup")] * mixed + [
             tree.Candidate(x, 0, 0, point=not drawn) for x in grand.tolist()]
         if drawn:
             t.dists[i] = q2[c]
-    return t, torch.stack([p1] + [p2[c] for c in t.tokens])
+    return t, torch.stack([p1] + [p2[c] for c in t.tokens[1:]])
 
 
 def wrong_tree_sample(p, q, candidates, u, e, point):
@@ -1044,13 +1049,12 @@ def coupled_tree(g, V=8):
     p1, q1, p2, q2 = chain_distributions(V)
     e = sampler.exponentials(2, V, generator=g)
     t = tree.Tree()
-    t.candidates[tree.ROOT] = []
-    for c in tree.propose(q1, 3, False, e[0]):
-        t.candidates[tree.ROOT].append(tree.Candidate(c, 0, 0, node=len(t.tokens)))
-        t.tokens.append(c), t.parents.append(tree.ROOT), t.depths.append(1)
-    for i, c in enumerate(list(t.tokens)):
-        t.candidates[i] = [tree.Candidate(x, 0, 0) for x in tree.propose(q2[c], 2, False, e[1])]
-    return t, torch.stack([p1] + [p2[c] for c in t.tokens]), e
+    t.candidates[tree.ROOT] = [tree.Candidate(c, 0, 0) for c in (q1 / e[0]).topk(3).indices.tolist()]
+    for c in t.candidates[tree.ROOT]:
+        t.add(tree.ROOT, c)
+    for i, c in enumerate(t.tokens[1:], 1):
+        t.candidates[i] = [tree.Candidate(x, 0, 0) for x in (q2[c] / e[1]).topk(2).indices.tolist()]
+    return t, torch.stack([p1] + [p2[c] for c in t.tokens[1:]]), e
 
 
 @pytest.mark.parametrize("shared_race", [False, True])
@@ -1145,7 +1149,7 @@ def test_tree_picture(tmp_path, pair):
     png = tmp_path / "tree.png"
     nodes, pruned, statuses = tree.render(t, path, new, None, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert nodes == len(t.tokens) and statuses.count("accepted") == len(path)
+    assert nodes == len(t.tokens) - 1 and statuses.count("accepted") == len(path)
     assert pruned == sum(c.node is None for cs in t.candidates.values() for c in cs)
     assert statuses.count("rejected") == sum(1 for i, par in enumerate(t.parents) if par in {tree.ROOT, *path} and i not in path)
     gif = tree.render_all(steps[:3], None, tmp_path / "frames")
@@ -1567,7 +1571,7 @@ def test_demo_pair_in_bfloat16_every_mode_emits_ar_s_tokens(demo_pair, prompt):
         opts = lambda **kw: sd.Options(max_new_tokens=40, settings=sd.Settings(temperature=temperature, seed=7), **kw)
         want, _ = sd.generate(ids, target, None, opts(mode="ar"))
         for kw in kws:
-            out, stats = sd.generate(ids, target, draft, opts(on_tree=lambda t, path, new: widths.add(len(t.tokens)),
+            out, stats = sd.generate(ids, target, draft, opts(on_tree=lambda t, path, new: widths.add(len(t.tokens) - 1),
                                                               **kw))
             assert out == want, (temperature, kw)
             forced = not sd.Options(**kw).auto            # an auto plan may not draft on a busy machine
@@ -1638,6 +1642,42 @@ def test_the_reading_order_is_true():
             assert name in defined, (path.name, name)
             assert any(a <= defined[name] <= b for a, b in ranges), (path.name, name, defined[name], ranges)
     assert rows >= 8
+
+
+def test_a_tree_step_reads_in_few_functions(pair, monkeypatch):
+    """A drafted default tree step (tree_step) calls at most 30 functions of the reading-path
+    files, the model counted as the functions called into it from other files (forward,
+    compact), and makes at most 12 distinct calls from one file's function into another's."""
+    target, draft = pair
+    given_costs(monkeypatch)
+    files, step, counts = {"model.py", "sampler.py", "tree.py", "specdecode.py", "policy.py"}, sd.tree_step, []
+    where = lambda code: (Path(code.co_filename).name, code.co_firstlineno)
+    ours = lambda frame: where(frame.f_code)[0] in files and not frame.f_code.co_name.startswith("<")
+
+    def traced(*args):
+        functions, calls = set(), set()
+
+        def tracer(frame, event, arg):
+            if event == "call" and ours(frame):
+                caller = frame.f_back
+                while caller and not ours(caller):
+                    caller = caller.f_back
+                callee, caller = where(frame.f_code), caller and where(caller.f_code)
+                if not (callee[0] == "model.py" and caller and caller[0] == "model.py"):
+                    functions.add(callee)
+                    if caller and caller[0] != callee[0]:
+                        calls.add((caller, callee))
+        sys.settrace(tracer)
+        try:
+            out = step(*args)
+        finally:
+            sys.settrace(None)
+        if out.tree.levels > 1:
+            counts.append((len(functions), len(calls)))
+        return out
+    monkeypatch.setitem(sd.STEPS, "tree", traced)
+    run(target, draft, [1, 2, 3, 1, 2], "tree", max_new_tokens=30)
+    assert counts and max(f for f, _ in counts) <= 30 and max(c for _, c in counts) <= 12, counts
 
 
 def test_nvcc_compiles_the_kernel(tmp_path):

@@ -25,7 +25,7 @@ Verify: walk down from the root. At each node, sampler.tree_sample runs SpecInfe
     target's argmax is followed, else the argmax is emitted. Coupled (`verify_coupled`,
     sampler.py): the children are the best of the draft's race at their position, and the
     target's race winner is followed while it is a kept child, else emitted.
-Compact: both KV caches keep the prefix and the accepted path, nothing else.
+Compact: both KV caches keep the prefix and the accepted path, nothing else (Transformer.compact).
 """
 import math
 import random
@@ -38,7 +38,7 @@ import torch
 
 import sampler
 
-ROOT = None           # the root's node: the last token of the prefix, no kept node (so it indexes no list)
+ROOT = 0              # the root is node 0: the prefix's last token, whose next token the step decides
 
 
 @dataclass
@@ -56,16 +56,11 @@ class Plan(Protocol):
     """What `grow` asks of a step's plan (policy.py's Fixed and AutoPlan): numbers; nothing changes."""
     drafts: bool                   # whether this step runs the draft (else lookup tokens alone, or a plain step)
 
-    def value(self, t: "Tree", parent, q: float) -> float:
-        """The chance that a child of `parent` with draft probability q is accepted."""
+    def level(self, t: "Tree", parents: list, q: list) -> tuple:
+        """For a level's candidates, best first (their parents, their draft probabilities): (each
+        one's value, the chance that it is accepted; how many to keep; whether to draft below them)."""
 
-    def keep(self, t: "Tree", values: list) -> int:
-        """How many of a level's candidates, best first (their values), to keep."""
-
-    def deeper(self, t: "Tree", frontier: list) -> bool:
-        """Whether another draft pass, over the frontier, pays."""
-
-    def lookup(self, t: "Tree", tip, room: int) -> int:
+    def lookup(self, t: "Tree", tip: int, room: int) -> int:
         """How many of `room` lookup tokens to hang below node `tip`."""
 
     def more(self, q: list) -> bool:
@@ -89,41 +84,28 @@ class Candidate:
 
 @dataclass
 class Tree:
-    """Kept nodes 0..N-1 in level order (their KV slots follow the prefix in this order)."""
-    tokens: list = field(default_factory=list)
-    parents: list = field(default_factory=list)     # ROOT or an earlier node
-    depths: list = field(default_factory=list)
-    q: list = field(default_factory=list)           # draft probability of the node's token given its parent
-    logp: list = field(default_factory=list)        # cumulative log-probability
-    sources: list = field(default_factory=list)     # "draft", "lookup" or "both"
-    values: list = field(default_factory=list)      # the chance it is accepted, as the plan valued it (nan: not)
-    candidates: dict = field(default_factory=dict)  # node (or ROOT) -> [Candidate], in the order made
-    dists: dict = field(default_factory=dict)       # node -> q_f its drawn candidates came from
-    levels: int = 0                                  # draft forwards spent growing
+    """Node 0 is the root (the prefix's last token); the kept nodes 1..N follow in level order.
+    Node i is fed at KV slot prefix - 1 + i, and is row i of the target's pass over the tree."""
+    tokens: list = field(default_factory=lambda: [None])    # the root's: the prefix's last
+    parents: list = field(default_factory=lambda: [None])   # the root has none; a node's is an earlier node
+    depths: list = field(default_factory=lambda: [0])
+    q: list = field(default_factory=lambda: [math.nan])     # draft probability of the node's token given its parent
+    logp: list = field(default_factory=lambda: [0.0])       # cumulative log-probability
+    sources: list = field(default_factory=lambda: ["prefix"])  # "draft", "lookup" or "both"
+    values: list = field(default_factory=lambda: [1.0])     # the chance it is accepted, as the plan valued it (nan: not)
+    candidates: dict = field(default_factory=dict)          # node -> [Candidate], in the order made
+    dists: dict = field(default_factory=dict)               # node -> q_f its drawn candidates came from
+    levels: int = 0                                          # draft forwards spent growing
 
     @classmethod
     def of_chain(cls, tokens, q):
         """A chain step's K draft tokens as a tree of one node per level (what Stats and the policy read)."""
         t = cls(levels=len(tokens))
         for i, (x, qx) in enumerate(zip(tokens, q)):
-            t.add(i - 1 if i else ROOT, Candidate(x, qx, 0.0), i + 1)
+            t.add(i, Candidate(x, qx, 0.0))
         return t
 
-    def depth(self, node):
-        return 0 if node is ROOT else self.depths[node]
-
-    def value(self, node):
-        return 1.0 if node is ROOT else self.values[node]
-
-    def ancestors(self):
-        """[N, N] bool: entry (i, j) says j is i or an ancestor of i."""
-        anc = torch.eye(len(self.tokens), dtype=torch.bool)
-        for i, parent in enumerate(self.parents):
-            if parent is not ROOT:
-                anc[i] |= anc[parent]
-        return anc
-
-    def add(self, parent, c: Candidate, depth, value=math.nan):
+    def add(self, parent, c: Candidate, value=math.nan):
         """Keep candidate c as a new node, and point its copies under the same parent to it."""
         c.node = len(self.tokens)
         for other in self.candidates.get(parent, []):
@@ -131,21 +113,23 @@ class Tree:
                 other.node = c.node
         self.tokens.append(c.token)
         self.parents.append(parent)
-        self.depths.append(depth)
+        self.depths.append(self.depths[parent] + 1)
         self.q.append(c.q)
         self.logp.append(c.logp)
         self.sources.append(c.source)
         self.values.append(value)
 
+    def ancestors(self):
+        """[N + 1, N + 1] bool: entry (i, j) says j is i or an ancestor of i."""
+        anc = torch.eye(len(self.tokens), dtype=torch.bool)
+        for i in range(1, len(self.tokens)):
+            anc[i] |= anc[self.parents[i]]
+        return anc
+
     def reached(self, path):
         """Nodes whose parent was accepted (so the target judged them)."""
-        judged = {ROOT} | set(path)
-        return [i for i, parent in enumerate(self.parents) if parent in judged]
-
-
-def row(node):
-    """The node's row in a scored pass's logits: the root's first, then the kept nodes'."""
-    return 0 if node is ROOT else node + 1
+        judged = {ROOT, *path}
+        return [i for i in range(1, len(self.tokens)) if self.parents[i] in judged]
 
 
 def continuation(tokens, longest=16, most=64):
@@ -176,7 +160,7 @@ class Growth:
     races: object                  # sampler.Races for coupled verification, else None
     prefix: int                    # tokens before the tree (its root is the last)
     guess: list
-    tip: int | None = ROOT
+    tip: int = ROOT
 
     @property
     def drawn(self):
@@ -187,35 +171,47 @@ class Growth:
 
 def grow(draft, tokens, plan: Plan, g: Growth):
     """A token tree from the draft after `tokens` (the last token is the root): level by level,
-    expand the frontier into candidates, keep the best as the plan says, and feed them to the
-    draft, while the budgets and the plan allow; then hang what is left of the lookup
-    continuation below its tip. A plan that does not draft gives a tree of lookup tokens
-    alone, or none (a plain step). The draft catches up on the tokens it lacks at its first
-    forward."""
-    t, deadline = Tree(), time.perf_counter() + g.budget.max_time
+    one draft pass gives the frontier's q, its candidates are made, and the plan values them
+    and keeps the best, while the budgets and the plan allow; then what is left of the lookup
+    continuation hangs below its tip. A plan that does not draft gives a tree of lookup tokens
+    alone, or none (a plain step). The draft's first pass catches up on the tokens it lacks."""
+    t, deadline, b = Tree(tokens=[tokens[-1]]), time.perf_counter() + g.budget.max_time, g.budget
     if not plan.drafts:
-        return hang_lookup(t, g, plan.lookup(t, ROOT, min(len(g.guess), g.budget.max_total_nodes)))
-    new = tokens[draft.length:]
-    q_frontier = proposal(g.settings, draft(torch.tensor([new], device=draft.device), last=1)[0, :, :g.vocab], g.drawn)
-    frontier, t.levels = [ROOT], 1
-    for depth in range(1, g.budget.max_depth + 1):
-        level = choose(t, g, expand(t, g, frontier, q_frontier, depth), depth)
-        values = [plan.value(t, parent, c.q) for parent, c in level]
+        return hang_lookup(t, g, plan.lookup(t, ROOT, min(len(g.guess), b.max_total_nodes)))
+    frontier, first = [ROOT], 1           # the first pass feeds no node: the prefix it lacks, the root last
+    for depth in range(1, b.max_depth + 1):
+        q = proposal(g.settings, score(draft, tokens, t, first)[0, :, :g.vocab], g.drawn)    # the frontier's
+        t.levels += 1
+        level = choose(t, g, expand(t, g, frontier, q, depth), depth)
+        values, m, deeper = plan.level(t, [parent for parent, _ in level], [c.q for _, c in level])
         first = len(t.tokens)
-        for (parent, c), value in zip(level[:plan.keep(t, values)], values):
-            t.add(parent, c, depth, value)
+        for (parent, c), value in zip(level[:m], values):
+            t.add(parent, c, value)
             g.tip = c.node if c.source != "draft" else g.tip
         frontier = list(range(first, len(t.tokens)))
-        if (not frontier or depth == g.budget.max_depth or len(t.tokens) >= g.budget.max_total_nodes
-                or time.perf_counter() > deadline or not plan.deeper(t, frontier)):
+        if not (m and deeper and depth < b.max_depth and len(t.tokens) <= b.max_total_nodes
+                and time.perf_counter() < deadline):
             break
-        q_frontier = feed_level(draft, t, g, first, depth)
     for f in frontier:
         t.candidates.setdefault(f, [])
-    room = min(len(g.guess) - t.depth(g.tip), g.budget.max_total_nodes - len(t.tokens))
-    if g.tip is not ROOT and not t.candidates[g.tip] and room > 0:   # the lookup reached the last level
+    room = min(len(g.guess) - t.depths[g.tip], b.max_total_nodes + 1 - len(t.tokens))
+    if g.tip != ROOT and not t.candidates[g.tip] and room > 0:   # the lookup reached the last level
         hang_lookup(t, g, plan.lookup(t, g.tip, room))
     return t
+
+
+def score(model, tokens, t: Tree, first=1):
+    """ONE forward of `model` over what its cache lacks of `tokens` (the prefix, the root its
+    last) and the nodes from `first` on, each node seeing the prefix and its ancestors at
+    position prefix - 1 + depth: the logits [1, rows, V] of the nodes it fed, the root's
+    first where the model lacked it (the target's pass: row i is node i)."""
+    prefix, nodes, start = len(tokens), t.tokens[first:], model.length
+    new = tokens[start:] + nodes
+    T, S = len(new), start + len(new)
+    mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)                 # the prefix: causal
+    mask[T - len(nodes):, prefix:] = t.ancestors()[first:, 1:]             # a node: its ancestors among the nodes
+    pos = list(range(start, prefix)) + [prefix - 1 + d for d in t.depths[first:]]
+    return model(torch.tensor([new]), torch.tensor([pos]), mask if nodes else None, last=S - max(start, prefix - 1))
 
 
 def proposal(settings, logits, drawn=False):
@@ -223,26 +219,27 @@ def proposal(settings, logits, drawn=False):
     need the exact distribution they are drawn from, the sampling one; point masses may be
     ranked by any q, so greedy ranks by the plain softmax (its one-hot argmax would rank
     nothing). Shared by chain steps (specdecode.py) and trees."""
-    return settings.probs(logits) if drawn or settings.temperature > 0 else sampler.probs(logits)
+    return settings.probs(logits) if drawn or settings.temperature > 0 else logits.softmax(-1)
 
 
 def expand(t: Tree, g: Growth, frontier, q_frontier, depth):
     """Each frontier node's candidates (kept in t.candidates, for verification), and the
-    level's (parent, candidate) pairs to choose from: one per token and parent. The frontier
-    node on the lookup path also gets the lookup token, first: shared with an equal point-mass
-    draft candidate, or a point mass of its own beside drawn ones (verification takes each
-    with its own proposal). It is scored by its q like the draft's own: where the draft has
-    looked, it knows better than a blind lookup."""
-    level = []
+    level's (parent, candidate) pairs to choose from: one per token and parent. A node's
+    candidates are `branch` i.i.d. draws from its q (drawn), else the `branch` best of q / E
+    (coupled: E the exponentials of their position, the first being the draft's race winner)
+    or of q. The frontier node on the lookup path also gets the lookup token, first: shared
+    with an equal point-mass draft candidate, or a point mass of its own beside drawn ones
+    (verification takes each with its own proposal). It is scored by its q like the draft's
+    own: where the draft has looked, it knows better than a blind lookup."""
+    level, races = [], g.races.at(g.prefix + depth - 1)[0] if g.races else None
     for f, q in zip(frontier, q_frontier):
-        base = 0.0 if f is ROOT else t.logp[f]
         if g.drawn:
             t.dists[f] = q
-            races = sampler.exponentials(g.budget.branch, g.vocab, generator=g.generator, device=q.device)
+            e = sampler.exponentials(g.budget.branch, g.vocab, generator=g.generator, device=q.device)
+            picks = sampler.draw(q.expand(g.budget.branch, -1), e).tolist()
         else:
-            races = g.races.at(g.prefix + depth - 1)[0] if g.races else None
-        made = [Candidate(c, float(q[c]), base + math.log(float(q[c])), point=not g.drawn)
-                for c in propose(q, g.budget.branch, g.drawn, races)]
+            picks = (q / races if races is not None else q).topk(min(g.budget.branch, int((q > 0).sum()))).indices.tolist()
+        made = [Candidate(c, float(q[c]), t.logp[f] + math.log(float(q[c])), point=not g.drawn) for c in picks]
         if f == g.tip and depth <= len(g.guess):
             x = g.guess[depth - 1]
             same = next((c for c in made if c.token == x and c.point), None)
@@ -250,7 +247,7 @@ def expand(t: Tree, g: Growth, frontier, q_frontier, depth):
                 same.source = "both"
             else:
                 source = "both" if any(c.token == x for c in made) else "lookup"
-                made.insert(0, Candidate(x, float(q[x]), base + math.log(max(float(q[x]), 1e-30)), source=source))
+                made.insert(0, Candidate(x, float(q[x]), t.logp[f] + math.log(max(float(q[x]), 1e-30)), source=source))
         t.candidates[f], tokens = made, set()
         for c in made:
             if c.token not in tokens:
@@ -259,65 +256,33 @@ def expand(t: Tree, g: Growth, frontier, q_frontier, depth):
     return level
 
 
-def propose(q, branch, drawn, races):
-    """Candidate tokens of a node: `branch` i.i.d. draws from q (drawn; races [branch, V], one
-    race each), else the `branch` best of q / races (coupled: races = E_t, the first being
-    the draft's race winner) or of q (races None)."""
-    if drawn:
-        return sampler.draw(q.expand(branch, -1), races).tolist()
-    return (q / races if races is not None else q).topk(min(branch, int((q > 0).sum()))).indices.tolist()
-
-
 def choose(t: Tree, g: Growth, level, depth):
     """The candidates of a level that the budgets allow, best score first (or random ones, the
     tree paper's option, drawn from the run's seed)."""
-    limit = min(g.budget.max_nodes_per_level, g.budget.max_total_nodes - len(t.tokens))
+    limit = min(g.budget.max_nodes_per_level, g.budget.max_total_nodes + 1 - len(t.tokens))
     if g.budget.prune == "random":
         return random.Random(f"{g.settings.seed}:{g.prefix}:{depth}").sample(level, min(limit, len(level)))
     return sorted(level, key=lambda fc: -fc[1].logp)[:limit]
 
 
-def feed_level(draft, t: Tree, g: Growth, first, depth):
-    """ONE draft forward over the level's new nodes (t.tokens[first:]), each seeing the prefix
-    and its ancestors at position prefix - 1 + depth; their q."""
-    n = len(t.tokens) - first
-    mask = torch.cat((torch.ones(n, g.prefix, dtype=torch.bool), t.ancestors()[first:]), dim=1)
-    positions = torch.tensor([[g.prefix - 1 + depth] * n], device=draft.device)
-    logits = draft(torch.tensor([t.tokens[first:]], device=draft.device), positions, mask.to(draft.device))
-    t.levels += 1
-    return proposal(g.settings, logits[0, :, :g.vocab], g.drawn)
-
-
 def hang_lookup(t: Tree, g: Growth, n):
     """The next n tokens of the lookup continuation as a chain below the tip, fed to no draft;
     their q is nan: the draft never saw them."""
-    parent, base = g.tip, 0.0 if g.tip is ROOT else t.logp[g.tip]
-    for x in g.guess[t.depth(g.tip):t.depth(g.tip) + n]:
+    parent, base = g.tip, t.logp[g.tip]
+    for x in g.guess[t.depths[g.tip]:t.depths[g.tip] + n]:
         c = Candidate(x, float("nan"), base, source="lookup")
         t.candidates[parent] = [c]
-        t.add(parent, c, t.depth(parent) + 1)
+        t.add(parent, c)
         parent = c.node
     t.candidates[parent] = []
     return t
 
 
-def score(target, tokens, t: Tree):
-    """ONE target forward over what its cache lacks of `tokens` and every tree node; logits of
-    the root and of each node, [1, 1 + N, V]."""
-    new, n = tokens[target.length:], len(t.tokens)
-    P = len(new)
-    mask = torch.ones(P + n, P + n, dtype=torch.bool).tril()         # the new prefix tokens: causal
-    mask[P:, P:] = t.ancestors()                                       # the nodes: the prefix, their ancestors
-    pos = list(range(target.length, len(tokens))) + [len(tokens) - 1 + d for d in t.depths]
-    return target(torch.tensor([new + t.tokens], device=target.device), torch.tensor([pos], device=target.device),
-                  mask.to(target.device), last=n + 1)
-
-
 def verify(t: Tree, p, generator, one_hot=False):
     """Walk the tree with multi-round rejection sampling (sampler.tree_sample, one node at a
-    time): (accepted kept nodes, next token). p [1 + N, V]: target probabilities at the root
-    and at each node (one_hot: greedy). One exponential race per step: only the node that
-    ends it draws."""
+    time): (accepted nodes, next token). p [N + 1, V]: target probabilities at each node (the
+    root's first; one_hot: greedy). One exponential race per step: only the node that ends
+    it draws."""
     node, path = ROOT, []
     e = sampler.exponentials(p.shape[-1], generator=generator, device=p.device, one_hot=one_hot)
     while True:
@@ -326,7 +291,7 @@ def verify(t: Tree, p, generator, one_hot=False):
         point = torch.tensor([[c.point for c in cands] or [True]], device=p.device)
         u = torch.rand(tokens.shape, generator=generator, device=p.device)
         q = t.dists[node][None] if node in t.dists else None
-        choice, token = sampler.tree_sample(p[row(node)][None], q, tokens, u, e, point)
+        choice, token = sampler.tree_sample(p[node][None], q, tokens, u, e, point)
         j = int(choice)
         if j < 0 or cands[j].node is None:
             return path, int(token)
@@ -336,24 +301,15 @@ def verify(t: Tree, p, generator, one_hot=False):
 
 def verify_coupled(t: Tree, p, e):
     """Coupled verification (sampler's docstring): at each node the target's race winner
-    w = argmax p / E is followed when it is a kept child, else emitted. p [1 + N, V] as in
+    w = argmax p / E is followed when it is a kept child, else emitted. p [N + 1, V] as in
     verify; e [D + 1, V]: E at the root's output position and at each depth below it."""
     node, path = ROOT, []
     while True:
-        w = int(sampler.draw(p[row(node)], e[t.depth(node)]))
+        w = int(sampler.draw(p[node], e[t.depths[node]]))
         node = next((c.node for c in t.candidates.get(node, []) if c.token == w), None)
         if node is None:
             return path, w
         path.append(node)
-
-
-def compact(target, draft, prefix, t: Tree, path):
-    """Keep, in both caches, the prefix up to the root and the accepted path's nodes (a draft
-    that saw no node, as after a step without it, is left as it is)."""
-    for model in (target, draft):                      # slots [0, prefix) hold the prefix, root included
-        if model.length >= prefix:
-            fed = [i for i in path if prefix + i < model.length]   # the draft never saw the last level
-            model.compact(prefix, torch.tensor(fed, dtype=torch.long, device=model.device))
 
 
 # ---------------------------------------------------------------------------- the picture
@@ -365,8 +321,8 @@ COLOURS = {"accepted": "#2ca02c", "rejected": "#d62728", "not reached": "#bbbbbb
 def layout(t: Tree):
     """x, y per node in a tidy layout: leaves in order, parents centred over their children; y = -depth."""
     kids = {}
-    for i, par in enumerate(t.parents):
-        kids.setdefault(par, []).append(i)
+    for i in range(1, len(t.tokens)):
+        kids.setdefault(t.parents[i], []).append(i)
     x, next_x = {}, [0.0]
 
     def place(node):
@@ -379,14 +335,15 @@ def layout(t: Tree):
                 place(c)
             x[node] = (x[ch[0]] + x[ch[-1]]) / 2
     place(ROOT)
-    return {n: (v, -t.depth(n)) for n, v in x.items()}
+    return {n: (v, -t.depths[n]) for n, v in x.items()}
 
 
 def status(t: Tree, path):
-    """Each kept node's status for the picture: accepted / rejected (target saw it and said no) / not reached."""
-    accepted, reached = set(path), {ROOT} | set(path)
+    """Kept nodes' statuses (nodes 1..N) for the picture: accepted / rejected (the target saw it
+    and said no) / not reached."""
+    accepted, reached = set(path), {ROOT, *path}
     return ["accepted" if i in accepted else "rejected" if t.parents[i] in reached else "not reached"
-            for i in range(len(t.tokens))]
+            for i in range(1, len(t.tokens))]
 
 
 def label(tok, token):
@@ -405,12 +362,12 @@ def render(t: Tree, path, new_token, tok, png):
     st = status(t, path)
     pruned = [(f, c) for f, cs in t.candidates.items() for c in cs if c.node is None]
     width = max(6.0, min(40.0, 0.45 * (1 + max((v[0] for v in pos.values()), default=0))))
-    depth = max(t.depths, default=0)
+    depth = max(t.depths)
     fig, ax = plt.subplots(figsize=(width, 1.6 + 1.1 * (depth + 1)))
-    for i, parent in enumerate(t.parents):
-        ax.plot(*zip(pos[parent], pos[i]), color="#999999", lw=0.6, zorder=1)
-    lo, fontsize = min(t.logp, default=0.0), 7 if len(t.tokens) < 60 else 5
-    for i, s in enumerate(st):
+    for i in range(1, len(t.tokens)):
+        ax.plot(*zip(pos[t.parents[i]], pos[i]), color="#999999", lw=0.6, zorder=1)
+    lo, fontsize = min(t.logp), 7 if len(t.tokens) < 60 else 5
+    for i, s in enumerate(st, 1):
         alpha = 0.35 + 0.65 * (1 - (t.logp[i] / lo if lo < 0 else 0))
         ax.scatter(*pos[i], s=260, color=COLOURS[s], alpha=alpha, edgecolors="black", linewidths=0.4, zorder=2)
         below = "lookup" if t.sources[i] == "lookup" else f"{t.q[i]:.2f}"
@@ -424,13 +381,13 @@ def render(t: Tree, path, new_token, tok, png):
     handles = [plt.Line2D([], [], marker="v" if k == "pruned" else "o", ls="", color=COLOURS[k], label=k)
                for k in ("root", "accepted", "rejected", "not reached", "pruned")]
     ax.legend(handles=handles, loc="upper right", fontsize=7)
-    ax.set_title(f"{len(t.tokens)} nodes, {len(pruned)} pruned, depth {depth}, {t.levels} draft passes; "
+    ax.set_title(f"{len(t.tokens) - 1} nodes, {len(pruned)} pruned, depth {depth}, {t.levels} draft passes; "
                  f"accepted {len(path)} + 1 token", fontsize=9)
     ax.axis("off")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
-    return len(t.tokens), len(pruned), st
+    return len(t.tokens) - 1, len(pruned), st
 
 
 def render_all(steps, tok, folder):
