@@ -91,7 +91,7 @@ class Tree:
     depths: list = field(default_factory=lambda: [0])
     q: list = field(default_factory=lambda: [math.nan])     # draft probability of the node's token given its parent
     logp: list = field(default_factory=lambda: [0.0])       # cumulative log-probability
-    sources: list = field(default_factory=lambda: ["prefix"])  # "draft", "lookup" or "both"
+    sources: list = field(default_factory=lambda: ["prefix"])  # then "draft", "lookup" or "both"
     values: list = field(default_factory=lambda: [1.0])     # the chance it is accepted, as the plan valued it (nan: not)
     candidates: dict = field(default_factory=dict)          # node -> [Candidate], in the order made
     dists: dict = field(default_factory=dict)               # node -> q_f its drawn candidates came from
