@@ -116,8 +116,9 @@ def costs(model, name, rounds=3):
                 model(ids[:, prompt:prompt + w], last=w).sum().item()       # .item(): waits for a GPU
                 times[i] = min(times[i], time.perf_counter() - t0)
         times = [min(times[i:]) for i in range(len(times))]      # a narrower pass is never dearer: noise
-        model.passes.clear()                                     # (a GPU's forward returns before it is done)
-        _measured[model] = Costs(WIDTHS, tuple(times), model.passes if model.device.type == "cpu" else None)
+        model.passes.clear()                                     # (the table's own passes are no observations)
+        cpu = model.device.type == "cpu"                         # (a GPU's forward returns before it is done)
+        _measured[model] = Costs(WIDTHS, tuple(times), model.passes if cpu else None)
         ms = "/".join(f"{s * 1e3:.0f}" for s in times)
         say(f"{name} forward at {'/'.join(map(str, WIDTHS))} tokens: {ms} ms (timed once, {time.perf_counter() - t:.1f} s)")
     return _measured[model]
@@ -218,7 +219,8 @@ class Auto:
         tokens the draft's first pass would take (1 when it has seen all but the root)."""
         self.match = match
         runs = self.lookups.runs(match, len(guess)) if guess else []
-        _, alone = AutoPlan(self, runs, False).best_run(tree.Tree(), tree.ROOT, len(guess))
+        lookups = AutoPlan(self, runs, False)                # the lookup run from the root, without the draft
+        _, alone = lookups.best(lookups.grown(tree.Tree()), runs)
         drafted = sum(n for n, _ in self.recent) / sum(self.price(t) for _, t in self.recent) if self.recent else 0.0
         wins = drafted > alone                               # alone: at least a plain step's 1 / seconds(1)
         self.catch_up = self.draft.seconds(lag) - self.draft.seconds(1)
@@ -282,14 +284,22 @@ class AutoPlan:
         maximise the expected rate, and draft below them if a run below the best one pays."""
         c = self.policy.acceptance.c
         values = [t.values[f] * min(1.0, c(t.depths[f] + 1) * qx) for f, qx in zip(parents, q)]
-        expected, seconds, n = self.grown(t)
-        gains = list(accumulate(values, initial=0.0))
-        m = max(range(len(gains)), key=lambda m: (self.rate(expected + gains[m], seconds, n + m), -m))
+        grown = expected, seconds, n = self.grown(t)
+        m, _ = self.best(grown, values)
         if m == 0:
             return values, 0, False
         best = max(range(m), key=values.__getitem__)
         rho = min(1.0, c(t.depths[parents[best]] + 2) * q[best])
-        return values, m, self.pays(expected + gains[m], seconds, n + m, values[best], rho, m)
+        return values, m, self.pays(expected + sum(values[:m]), seconds, n + m, values[best], rho, m)
+
+    def best(self, grown, values):
+        """(m, rate): the m first of `values` (new nodes' values, best first) that, added to a
+        tree grown so far (`grown`), give the highest expected rate, each one more node in the
+        target's pass; and that rate."""
+        expected, seconds, n = grown
+        rates = [self.rate(expected + gain, seconds, n + m) for m, gain in enumerate(accumulate(values, initial=0.0))]
+        m = max(range(len(rates)), key=lambda m: (rates[m], -m))
+        return m, rates[m]
 
     def pays(self, expected, seconds, nodes, v, rho, width):
         """Whether drafting on pays within K_MAX more levels (the next a pass over `width` new
@@ -303,17 +313,9 @@ class AutoPlan:
                 return True
         return False
 
-    def best_run(self, t, tip, room):
-        """(j, rate): how many of `room` lookup tokens to hang below node tip, the j-th accepted
-        with v(tip) runs[j - 1], each one more node in the target's pass."""
-        expected, seconds, n = self.grown(t)
-        values = [t.values[tip] * run for run in self.runs[:room]]
-        rates = [self.rate(expected + gain, seconds, n + j) for j, gain in enumerate(accumulate(values, initial=0.0))]
-        j = max(range(len(rates)), key=lambda j: (rates[j], -j))
-        return j, rates[j]
-
     def lookup(self, t, tip, room):
-        return self.best_run(t, tip, room)[0]
+        """The lookup run below node tip: its j-th token accepted with v(tip) runs[j - 1]."""
+        return self.best(self.grown(t), [t.values[tip] * run for run in self.runs[:room]])[0]
 
     def more(self, q):
         """Chain: whether to draft token len(q) + 1 (values v_i = v_{i-1} min(1, c_i q_i))."""
